@@ -1,0 +1,142 @@
+# Copyright © 2026 mlx-patternkv authors.
+"""The PatternKV algorithm: mining the pattern banks, assigning vectors to patterns, the V gate, and
+the residuals that get quantized. Plain functions on [N, T, D] arrays, N = sequences x KV heads: every
+(sequence, head) row has its own bank and never sees another row's vectors.
+
+See PATTERNKV.md; departures from the authors' code are noted where they happen.
+"""
+
+import math
+
+import mlx.core as mx
+
+from .config import NO_PATTERN
+
+
+def sq_dist(x: mx.array, c: mx.array) -> mx.array:
+    """Squared L2 distances: x [N, T, D], c [N, M, D] -> [N, T, M] (fp32)."""
+    x = x.astype(mx.float32)
+    c = c.astype(mx.float32)
+    xx = (x * x).sum(-1, keepdims=True)  # [N, T, 1]
+    cc = (c * c).sum(-1)[:, None, :]  # [N, 1, M]
+    return mx.maximum(xx - 2 * (x @ c.swapaxes(-1, -2)) + cc, 0)
+
+
+def kmeans_init(n: int, t: int, k: int, seed: int) -> mx.array:
+    """k distinct random token indices per row: [n, k] int32 (seeded, reproducible)."""
+    u = mx.random.uniform(shape=(n, t), key=mx.random.key(seed))
+    return mx.argsort(u, axis=-1)[:, :k].astype(mx.int32)
+
+
+def kmeans(x: mx.array, k: int, iters: int = 30, tol: float = 1e-4, seed: int = 0) -> mx.array:
+    """Lloyd's k-means per row. x: [N, T, D] -> centroids [N, min(k, T), D] fp32.
+
+    Initial centroids are k distinct random tokens. Stops after `iters` iterations or when no centroid
+    moves more than `tol` (L2). An empty cluster takes the token farthest from its own centroid (the
+    authors refill with a random token; the farthest token is deterministic and never duplicates an
+    existing centroid).
+    """
+    x = x.astype(mx.float32)
+    n, t, _ = x.shape
+    k = min(k, t)
+    init = kmeans_init(n, t, k, seed)  # [N, k]
+    c = mx.take_along_axis(x, init[..., None], axis=1)  # [N, k, D]
+    for _ in range(iters):
+        d = sq_dist(x, c)  # [N, T, k]
+        a = mx.argmin(d, axis=-1)  # [N, T]
+        onehot = (a[..., None] == mx.arange(k)).astype(mx.float32)  # [N, T, k]
+        counts = onehot.sum(1)  # [N, k]
+        means = (onehot.swapaxes(1, 2) @ x) / mx.maximum(counts, 1)[..., None]  # [N, k, D]
+        # refill empty clusters with the farthest tokens, the r-th empty one with the r-th farthest
+        empty = counts == 0
+        far = mx.argsort(-mx.min(d, axis=-1), axis=-1)  # [N, T]
+        rank = mx.clip(mx.cumsum(empty.astype(mx.int32), axis=-1) - 1, 0, t - 1)  # [N, k]
+        refill = mx.take_along_axis(x, mx.take_along_axis(far, rank, axis=-1)[..., None], axis=1)
+        new = mx.where(empty[..., None], refill, means)
+        shift = mx.sqrt(((new - c) ** 2).sum(-1)).max()
+        c = new
+        if shift.item() <= tol:
+            break
+    return c
+
+
+def assign_l2(x: mx.array, bank: mx.array) -> mx.array:
+    """Nearest pattern by L2. x [N, T, D], bank [N, M, D] (valid rows only) -> [N, T] uint8."""
+    return mx.argmin(sq_dist(x, bank), axis=-1).astype(mx.uint8)
+
+
+def minmax_dist(x: mx.array, bank: mx.array, chunk_bytes: int = 1 << 26) -> mx.array:
+    """d(x, c) = max_j (x_j - c_j) - min_j (x_j - c_j). x [N, T, D], bank [N, M, D] -> [N, T, M] fp32.
+
+    Computed in slices of patterns so that the [N, T, m, D] temporary stays under chunk_bytes.
+    """
+    x = x.astype(mx.float32)[:, :, None, :]  # [N, T, 1, D]
+    bank = bank.astype(mx.float32)
+    n, t, _, dim = x.shape
+    m = bank.shape[1]
+    step = max(1, chunk_bytes // (4 * n * t * dim))
+    out = []
+    for s in range(0, m, step):
+        r = x - bank[:, None, s : s + step, :]  # [N, T, m, D]
+        out.append(r.max(-1) - r.min(-1))
+    return mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+
+
+def chebyshev_center(x: mx.array) -> mx.array:
+    """Centre of the bounding box of a group: x [N, G, D] -> [N, D] = (min + max) / 2."""
+    x = x.astype(mx.float32)
+    return (x.min(1) + x.max(1)) / 2
+
+
+def v_gate(v: mx.array, c: mx.array, z: float) -> mx.array:
+    """Keep the V pattern only where it narrows the range enough. v, c [N, T, D] -> bool [N, T].
+
+    rho = range(v - c) / range(v); subtract c iff 1 - rho^2 >= 2 z / sqrt(5 D) * sqrt(1 + rho^4).
+    A constant vector (range 0) is quantized exactly without a pattern.
+    """
+    v = v.astype(mx.float32)
+    r = v - c.astype(mx.float32)
+    rv = v.max(-1) - v.min(-1)
+    rho = (r.max(-1) - r.min(-1)) / mx.where(rv > 0, rv, 1)
+    thresh = 2 * z / math.sqrt(5 * v.shape[-1]) * mx.sqrt(1 + rho**4)
+    return (rv > 0) & (1 - rho**2 >= thresh)
+
+
+def gather_patterns(bank: mx.array, idx: mx.array) -> mx.array:
+    """bank [N, M, D], idx [N, T] -> [N, T, D] fp32; NO_PATTERN gives zeros."""
+    safe = mx.where(idx == NO_PATTERN, 0, idx).astype(mx.int32)
+    c = mx.take_along_axis(bank, safe[..., None], axis=1).astype(mx.float32)
+    return mx.where((idx == NO_PATTERN)[..., None], 0.0, c)
+
+
+def mine(x: mx.array, k: int, cfg) -> mx.array:
+    """The first flush: mine a bank of k patterns from every token seen so far. [N, T, D] -> [N, k', D]."""
+    return kmeans(x, k, cfg.kmeans_iters, cfg.kmeans_tol, cfg.seed).astype(cfg.mx_dtype)
+
+
+def grow_and_assign(xg: mx.array, bank: mx.array, grow: bool):
+    """A later flush of one group xg [N, G, D]: the group's Chebyshev centre joins the bank (unless the
+    bank is at its cap, grow=False), then each token goes to the nearest pattern of the enlarged bank
+    by min-max distance.
+
+    bank: [N, M, D], the valid patterns. Returns (new pattern [N, D] or None, idx [N, G] uint8).
+    """
+    new = chebyshev_center(xg).astype(bank.dtype) if grow else None
+    full = mx.concatenate([bank, new[:, None]], axis=1) if grow else bank
+    idx = mx.argmin(minmax_dist(xg, full), axis=-1).astype(mx.uint8)
+    return new, idx
+
+
+def residuals(x: mx.array, bank, idx, gate_z=None):
+    """Subtract the assigned patterns. x [N, T, D], bank [N, M, D] or None (patterns off),
+    idx [N, T] uint8. For V pass gate_z: tokens failing the gate keep x and get NO_PATTERN.
+    Returns (r [N, T, D] fp32, idx)."""
+    x = x.astype(mx.float32)
+    if bank is None:
+        return x, idx
+    c = gather_patterns(bank, idx)
+    if gate_z is not None:
+        keep = v_gate(x, c, gate_z)
+        idx = mx.where(keep, idx, NO_PATTERN).astype(mx.uint8)
+        c = mx.where(keep[..., None], c, 0.0)
+    return x - c, idx
