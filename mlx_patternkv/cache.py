@@ -185,6 +185,7 @@ class PatternKVCache(_BaseCache):
                 self.k_win = _grow(k_win, 2, w - k_win.shape[2])
                 self.v_win = _grow(v_win, 2, w - v_win.shape[2])
             self._check()
+            self._fit_capacity()
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"corrupt or mismatched PatternKV cache state: {e}") from None
 
@@ -224,6 +225,19 @@ class PatternKVCache(_BaseCache):
             if a is None or tuple(a.shape) != shape:
                 got = None if a is None else tuple(a.shape)
                 raise ValueError(f"{name} has shape {got}, expected {shape}")
+
+    def _fit_capacity(self):
+        """Give loaded arrays the capacity a cache grown token by token has, so that attention runs on
+        the same shapes and gives bit-identical results."""
+        if not self.n_quant:
+            return
+        b, h, _, d = self.k_win.shape
+        dv = self.v_win.shape[-1]
+        want = -(-self.n_quant // TOKEN_STEP) * TOKEN_STEP
+        self._reserve(want - self.n_quant, b, h, d, dv)
+        for name, m, dim in (("k_bank", self.n_kpat, d), ("v_bank", self.n_vpat, dv)):
+            if getattr(self, name) is not None:
+                self._reserve_bank(name, min(self.config.max_patterns, -(-m // BANK_STEP) * BANK_STEP), b, h, dim)
 
     def __deepcopy__(self, memo):
         self._commit()

@@ -10,7 +10,7 @@ SCALE = 1.5
 
 COMMON = dict(
     hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-    num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256, max_position_embeddings=4096,
+    num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=272, max_position_embeddings=4096,
     rope_theta=10000.0, tie_word_embeddings=False,
 )  # fmt: skip
 
@@ -45,3 +45,30 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     model.update(tree_map(lambda p: p * SCALE, model.parameters()))
     mx.eval(model.parameters())
     return model
+
+
+def save_tiny(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny random model plus a byte-level tokenizer as an mlx-lm folder; returns the path."""
+    import json
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**CONFIGS[arch], **overrides}
+    model = tiny_model(arch, seed, **overrides)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}  # 256 byte tokens
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|eos|>"])  # id 256
+    tok.save(str(path / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>", "chat_template": template})
+    )
+    return path
