@@ -380,19 +380,13 @@ class PatternKVCache(_BaseCache):
             self._reserve_bank(name, n_pat, b, h, d)
             getattr(self, name)[:, :, :n_pat] = bank.reshape(b, h, n_pat, d)
             return patterns.assign_l2(x, bank), n_pat, mined
-        idx = []
-        g = cfg.group_size
-        for s in range(0, n, g):
-            grow = n_pat < cfg.max_patterns
-            if grow:
-                self._reserve_bank(name, n_pat + 1, b, h, d)
-            bank = getattr(self, name)
-            new, i = patterns.grow_and_assign(x[:, s : s + g], bank[:, :, :n_pat].reshape(rows, n_pat, d), grow)
-            if grow:
-                bank[:, :, n_pat] = new.reshape(b, h, d)
-                n_pat += 1
-            idx.append(i)
-        return mx.concatenate(idx, axis=1), n_pat, mined
+        bank = getattr(self, name)[:, :, :n_pat].reshape(rows, n_pat, d)
+        new, idx = patterns.grow_and_assign(x, bank, cfg.group_size, cfg.max_patterns)
+        add = new.shape[1]
+        if add:
+            self._reserve_bank(name, n_pat + add, b, h, d)
+            getattr(self, name)[:, :, n_pat : n_pat + add] = new.reshape(b, h, add, d)
+        return idx, n_pat + add, mined
 
     def _reserve_bank(self, name, m, b, h, d):
         bank = getattr(self, name)
