@@ -25,6 +25,7 @@ _kmeans = patterns.kmeans
 
 def timed_kmeans(*args, **kwargs):
     global kmeans_seconds
+    mx.eval(args[0])  # the model's forward pass up to this layer is not mining time
     t0 = time.perf_counter()
     out = _kmeans(*args, **kwargs)
     mx.eval(out)

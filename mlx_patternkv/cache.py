@@ -334,16 +334,16 @@ class PatternKVCache(_BaseCache):
         xk = fk[:, :, :n].reshape(rows, n, d)
         xv = fv[:, :, :n].reshape(rows, n, dv)
         k_idx = v_idx = None
-        if cfg.k_patterns:
-            k_idx, self.n_kpat, self.k_mined = self._assign(
-                "k_bank", xk, fk.reshape(rows, t, d), self.n_kpat, self.k_mined, cfg.k_patterns, first
-            )
-        if cfg.v_patterns:
-            v_idx, self.n_vpat, self.v_mined = self._assign(
-                "v_bank", xv, fv.reshape(rows, t, dv), self.n_vpat, self.v_mined, cfg.v_patterns, first
-            )
+        mined_k = mined_v = None
         if first:
+            mined_k, mined_v = patterns.mine(fk.reshape(rows, t, d), fv.reshape(rows, t, dv), cfg)
             self.first_flush = n
+        if cfg.k_patterns:
+            k_idx, self.n_kpat = self._assign("k_bank", xk, self.n_kpat, mined_k)
+            self.k_mined = self.k_mined or self.n_kpat
+        if cfg.v_patterns:
+            v_idx, self.n_vpat = self._assign("v_bank", xv, self.n_vpat, mined_v)
+            self.v_mined = self.v_mined or self.n_vpat
         k_bank = None if k_idx is None else self.k_bank[:, :, : self.n_kpat].reshape(rows, -1, d)
         v_bank = None if v_idx is None else self.v_bank[:, :, : self.n_vpat].reshape(rows, -1, dv)
         rk, k_idx = patterns.residuals(xk, k_bank, k_idx)
@@ -367,26 +367,24 @@ class PatternKVCache(_BaseCache):
             self.v_idx[:, :, q0:q1] = v_idx.reshape(b, h, n)
         self.n_quant = q1
 
-    def _assign(self, name, x, x_all, n_pat, mined, k, first):
-        """Pattern indices for x [N, n, D]: at the first flush mine the bank by k-means on every token
-        seen so far (x_all) and assign by L2; later, group by group, grow the bank by the group's
-        Chebyshev centre (up to the cap) and assign by min-max distance."""
-        cfg = self.config
+    def _assign(self, name, x, n_pat, mined):
+        """Pattern indices for x [N, n, D]. At the first flush `mined` is the k-means bank [N, k', D]:
+        it becomes the bank and tokens go to the L2-nearest pattern. Later, group by group, the bank
+        grows by the group's Chebyshev centre (up to the cap) and tokens go to the min-max-nearest."""
         rows, n, d = x.shape
         b, h = self.k_win.shape[:2]
-        if first:
-            bank = patterns.mine(x_all, k, cfg)  # [N, k', D]
-            mined = n_pat = bank.shape[1]
+        if mined is not None:
+            n_pat = mined.shape[1]
             self._reserve_bank(name, n_pat, b, h, d)
-            getattr(self, name)[:, :, :n_pat] = bank.reshape(b, h, n_pat, d)
-            return patterns.assign_l2(x, bank), n_pat, mined
+            getattr(self, name)[:, :, :n_pat] = mined.reshape(b, h, n_pat, d)
+            return patterns.assign_l2(x, mined), n_pat
         bank = getattr(self, name)[:, :, :n_pat].reshape(rows, n_pat, d)
-        new, idx = patterns.grow_and_assign(x, bank, cfg.group_size, cfg.max_patterns)
+        new, idx = patterns.grow_and_assign(x, bank, self.config.group_size, self.config.max_patterns)
         add = new.shape[1]
         if add:
             self._reserve_bank(name, n_pat + add, b, h, d)
             getattr(self, name)[:, :, n_pat : n_pat + add] = new.reshape(b, h, add, d)
-        return idx, n_pat + add, mined
+        return idx, n_pat + add
 
     def _reserve_bank(self, name, m, b, h, d):
         bank = getattr(self, name)

@@ -28,49 +28,47 @@ def kmeans_init(n: int, t: int, k: int, seed: int) -> mx.array:
     return mx.argsort(u, axis=-1)[:, :k].astype(mx.int32)
 
 
-def kmeans(x: mx.array, k: int, iters: int = 30, tol: float = 1e-4, seed: int = 0) -> mx.array:
-    """Lloyd's k-means per row. x: [N, T, D] -> centroids [N, min(k, T), D] fp32.
+def kmeans(x: mx.array, k: int, iters: int = 30, tol: float = 1e-4, seed: int = 0, init=None) -> mx.array:
+    """Lloyd's k-means, independently per row. x: [N, T, D] -> centroids [N, min(k, T), D] fp32.
 
-    Initial centroids are k distinct random tokens. Stops after `iters` iterations or when no centroid
-    moves more than `tol` (L2). An empty cluster takes the token farthest from its own centroid (the
-    authors refill with a random token; the farthest token is deterministic and never duplicates an
-    existing centroid).
+    Initial centroids are k distinct random tokens. A row stops after `iters` iterations or at the
+    first iteration in which none of its centroids moved more than `tol` (L2); later iterations leave
+    it frozen. An empty cluster takes the token farthest from its own centroid (the authors refill
+    with a random token; the farthest token is deterministic and never duplicates a centroid).
+    init: optional [N, k] initial token indices (default `kmeans_init(N, T, k, seed)`).
     """
     x = x.astype(mx.float32)
     n, t, _ = x.shape
     k = min(k, t)
-    init = kmeans_init(n, t, k, seed)  # [N, k]
+    init = kmeans_init(n, t, k, seed) if init is None else init  # [N, k]
     c = mx.take_along_axis(x, init[..., None], axis=1)  # [N, k, D]
-    done = 0
-    while done < iters:
-        # a few iterations at a time without a host sync; then stop exactly where the first
-        # iteration moved no centroid more than tol
-        block = []
-        for _ in range(min(SYNC_EVERY, iters - done)):
-            new = _lloyd_step(x, c, k, t)
-            block.append((new, mx.sqrt(((new - c) ** 2).sum(-1)).max()))
-            c = new
-        shifts = mx.stack([s for _, s in block])
-        mx.eval(c, shifts)
-        below = [i for i, s in enumerate(shifts.tolist()) if s <= tol]
-        if below:
-            return block[below[0]][0]
-        done += len(block)
+    xx = (x * x).sum(-1, keepdims=True)  # [N, T, 1]
+    xt = x.swapaxes(1, 2)  # [N, D, T]
+    active = mx.ones((n,), mx.bool_)
+    for i in range(iters):
+        new = _lloyd_step(x, xx, xt, c, k)
+        shift = mx.sqrt(((new - c) ** 2).sum(-1)).max(-1)  # [N]
+        c = mx.where(active[:, None, None], new, c)
+        active = active & (shift > tol)
+        if (i + 1) % SYNC_EVERY == 0 and i + 1 < iters and not active.any().item():
+            break  # every row has converged: the remaining iterations would change nothing
     return c
 
 
-SYNC_EVERY = 5
+SYNC_EVERY = 10  # iterations between checks for early exit (each check is a host sync)
 
 
-def _lloyd_step(x, c, k, t):
-    d = sq_dist(x, c)  # [N, T, k]
+def _lloyd_step(x, xx, xt, c, k):
+    """One Lloyd iteration. x [N, T, D], xx = |x|^2 [N, T, 1], xt = x^T [N, D, T], c [N, k, D]."""
+    t = x.shape[1]
+    d = mx.maximum(xx - 2 * (x @ c.swapaxes(-1, -2)) + (c * c).sum(-1)[:, None, :], 0)  # [N, T, k]
     a = mx.argmin(d, axis=-1)  # [N, T]
     onehot = (a[..., None] == mx.arange(k)).astype(mx.float32)  # [N, T, k]
     counts = onehot.sum(1)  # [N, k]
-    means = (onehot.swapaxes(1, 2) @ x) / mx.maximum(counts, 1)[..., None]  # [N, k, D]
+    means = (xt @ onehot).swapaxes(1, 2) / mx.maximum(counts, 1)[..., None]  # [N, k, D]
     # refill empty clusters with the farthest tokens, the r-th empty one with the r-th farthest
     empty = counts == 0
-    far = mx.argsort(-mx.min(d, axis=-1), axis=-1)  # [N, T]
+    far = mx.argsort(-mx.min(d, axis=-1), axis=-1)  # [N, T], ties by index
     rank = mx.clip(mx.cumsum(empty.astype(mx.int32), axis=-1) - 1, 0, t - 1)  # [N, k]
     refill = mx.take_along_axis(x, mx.take_along_axis(far, rank, axis=-1)[..., None], axis=1)
     return mx.where(empty[..., None], refill, means)
@@ -126,9 +124,20 @@ def gather_patterns(bank: mx.array, idx: mx.array) -> mx.array:
     return mx.where((idx == NO_PATTERN)[..., None], 0.0, c)
 
 
-def mine(x: mx.array, k: int, cfg) -> mx.array:
-    """The first flush: mine a bank of k patterns from every token seen so far. [N, T, D] -> [N, k', D]."""
-    return kmeans(x, k, cfg.kmeans_iters, cfg.kmeans_tol, cfg.seed).astype(cfg.mx_dtype)
+def mine(xk: mx.array, xv: mx.array, cfg):
+    """The first flush: mine the K and V banks from every token seen so far, xk [N, T, D], xv [N, T, Dv].
+    Returns (K bank [N, k', D] or None, V bank or None) in the cache dtype. When both banks have the same
+    size and width they are mined in one batched k-means (rows are independent)."""
+    def run(x, k, init=None):
+        return kmeans(x, k, cfg.kmeans_iters, cfg.kmeans_tol, cfg.seed, init).astype(cfg.mx_dtype)
+
+    kk, kv = cfg.k_patterns, cfg.v_patterns
+    n, t, _ = xk.shape
+    if kk and kv and kk == kv and xk.shape[-1] == xv.shape[-1]:
+        init = kmeans_init(n, t, min(kk, t), cfg.seed)  # the same start as two separate runs
+        both = run(mx.concatenate([xk, xv], axis=0), kk, mx.concatenate([init, init], axis=0))
+        return both[:n], both[n:]
+    return (run(xk, kk) if kk else None), (run(xv, kv) if kv else None)
 
 
 def grow_and_assign(x: mx.array, bank: mx.array, group_size: int, max_patterns: int):
