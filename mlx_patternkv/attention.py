@@ -24,6 +24,12 @@ def compressed_attention(queries, cache, scale: float, mask=None, sinks=None):
     additive). sinks: None or [Hq] logits of attention sinks. Returns [B, Hq, L, Dv] in queries' dtype.
     """
     k_new, v_new = cache.pending  # [B, H, L, D]
+    if cache.n_quant == 0:  # nothing compressed yet: dense attention over the window and the chunk
+        keys, values = k_new, v_new
+        if cache.n_win:
+            keys = mx.concatenate([cache.k_win[:, :, : cache.n_win].astype(k_new.dtype), k_new], axis=2)
+            values = mx.concatenate([cache.v_win[:, :, : cache.n_win].astype(v_new.dtype), v_new], axis=2)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     b, hq, n_q, _ = queries.shape
     h = k_new.shape[1]
     total = cache.offset
