@@ -55,22 +55,32 @@ def peak_part(contexts, methods, layers, dtype, hq=32, h=8, d=128, decode=64):
             mx.reset_peak_memory()
             base = mx.get_active_memory()
             caches = [make_cache(name, int(bits) if bits else None) for _ in range(layers)]
-            pos = 0
-            for k, v in kv_stream(1, h, t + decode, d, dtype):
-                # prefill in chunks, then one token at a time once the prompt is in
-                steps = [(k, v)] if pos + k.shape[2] <= t else [(k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(k.shape[2])]
-                for kk, vv in steps:
-                    n = kk.shape[2]
-                    q = mx.random.normal((1, hq, n, d)).astype(dtype)
-                    outs = [attend(c, q, kk, vv, "causal" if n > 1 else None) for c in caches]
-                    mx.eval(outs, [c.state for c in caches])
-                    pos += n
+            try:
+                run_context(caches, t, decode, hq, h, d, dtype)
+            except RuntimeError as e:  # MLX's CUDA quantized_matmul rejects some shapes
+                rows.append({"tokens": t, "method": method, "error": str(e)[:120]})
+                print(rows[-1], flush=True)
+                continue
             peak = (mx.get_peak_memory() - base) / 2**20
             kv = sum(c.nbytes for c in caches) / 2**20
             rows.append({"tokens": t, "method": method, "peak_MiB": peak, "kv_MiB": kv})
             print(rows[-1], flush=True)
             del caches
     return rows
+
+
+def run_context(caches, t, decode, hq, h, d, dtype):
+    """Prefill t tokens in chunks, then `decode` single-token steps, attention in every layer."""
+    pos = 0
+    for k, v in kv_stream(1, h, t + decode, d, dtype):
+        # prefill in chunks, then one token at a time once the prompt is in
+        steps = [(k, v)] if pos + k.shape[2] <= t else [(k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(k.shape[2])]
+        for kk, vv in steps:
+            n = kk.shape[2]
+            q = mx.random.normal((1, hq, n, d)).astype(dtype)
+            outs = [attend(c, q, kk, vv, "causal" if n > 1 else None) for c in caches]
+            mx.eval(outs, [c.state for c in caches])
+            pos += n
 
 
 def main():

@@ -16,6 +16,10 @@ import mlx.core as mx
 from .config import NO_PATTERN
 
 SCORE_TILE_BYTES = 1 << 27  # a prefill chunk is processed in query blocks whose fp32 scores fit this
+# MLX 0.32's CUDA quantized_matmul (transpose=False) fails to launch for more than a few dozen rows
+# per matrix ("cuGraphAddKernelNode ... invalid argument", seen with 128 rows; 32 work): cap the
+# query rows (query heads per KV head x queries) of one block there.
+CUDA_MAX_ROWS = 32
 
 
 def compressed_attention(queries, cache, scale: float, mask=None, sinks=None):
@@ -41,6 +45,8 @@ def compressed_attention(queries, cache, scale: float, mask=None, sinks=None):
     cap = cache.k_scales.shape[-1] * cache.config.group_size if cache.n_quant else 0
     per_query = 4 * b * hq * (cap + cache.n_win + n_q)
     block = max(1, min(n_q, SCORE_TILE_BYTES // per_query))
+    if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        block = max(1, min(block, CUDA_MAX_ROWS // (hq // k_new.shape[1])))
     outs = []
     for i0 in range(0, n_q, block):
         i1 = min(n_q, i0 + block)
