@@ -103,17 +103,18 @@ def test_cache_matches_reference(name):
         check_storage(cache, heads)
 
 
-def test_attention_array_mask_and_sinks():
+@pytest.mark.parametrize("n", [5, 9])  # 15 query rows per KV head: compressed form; 27: dense prefill path
+def test_attention_array_mask_and_sinks(n):
     """A boolean array mask and attention sinks give what mx.fast SDPA gives on the dequantized cache."""
     cfg = PatternKVConfig(k_bits=4, v_bits=4, group_size=32, window=32, k_patterns=6, v_patterns=6)
     rng = np.random.default_rng(1)
     cache = PatternKVCache(cfg)
     k, v = fresh_kv(rng, 100)
     cache.update_and_fetch(mx.array(k), mx.array(v))
-    k, v = fresh_kv(rng, 9)
+    k, v = fresh_kv(rng, n)
     kk, vv = cache.update_and_fetch(mx.array(k), mx.array(v))
-    q = mx.array(rng.standard_normal((B, H * R, 9, D)).astype(np.float32))
-    mask = mx.array(rng.random((B, 1, 9, 109)) > 0.3) | (mx.arange(109) == 108)
+    q = mx.array(rng.standard_normal((B, H * R, n, D)).astype(np.float32))
+    mask = mx.array(rng.random((B, 1, n, 100 + n)) > 0.3) | (mx.arange(100 + n) == 99 + n)
     sinks = mx.array(rng.standard_normal(H * R).astype(np.float32))
     got = compressed_attention(q, cache, 0.125, mask, sinks)
     want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, mask=mask, sinks=sinks)
