@@ -78,8 +78,9 @@ def run_context(caches, t, decode, hq, h, d, dtype):
         for kk, vv in steps:
             n = kk.shape[2]
             q = mx.random.normal((1, hq, n, d)).astype(dtype)
-            outs = [attend(c, q, kk, vv, "causal" if n > 1 else None) for c in caches]
-            mx.eval(outs, [c.state for c in caches])
+            for c in caches:  # layers run one after the other, as in a model
+                q = attend(c, q, kk, vv, "causal" if n > 1 else None)
+            mx.eval(q, [c.state for c in caches])
             pos += n
 
 

@@ -18,11 +18,19 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import patterns
 from .config import NO_PATTERN, PatternKVConfig
-from .quantize import dequantize, quantize
+from .quantize import quantize
 
 STATE_VERSION = 1
 TOKEN_STEP = 1024  # quantized-token capacity grows by this many tokens (a multiple of 128)
 BANK_STEP = 32  # bank capacity grows by this many patterns
+
+
+def _patterns_of(bank, idx, dtype):
+    """bank [B, H, M, D], idx [B, H, T] uint8 -> the pattern of every token [B, H, T, D] in dtype;
+    zeros where idx is NO_PATTERN."""
+    safe = mx.where(idx == NO_PATTERN, 0, idx).astype(mx.int32)
+    c = mx.take_along_axis(bank, safe[..., None], axis=2).astype(dtype)
+    return mx.where((idx == NO_PATTERN)[..., None], mx.array(0, dtype), c)
 
 
 def _grow(x: mx.array, axis: int, extra: int) -> mx.array:
@@ -37,6 +45,7 @@ class PatternKVCache(_BaseCache):
     def __init__(self, config: PatternKVConfig = None):
         self.config = config or PatternKVConfig()
         self.offset = 0
+        self.dtype = mx.float32  # dtype of the model's keys (seen at the last update)
         self._reset()
 
     def _reset(self):
@@ -66,6 +75,7 @@ class PatternKVCache(_BaseCache):
                 f"batch/heads changed: cache holds {tuple(self.k_win.shape[:2])}, update has {tuple(keys.shape[:2])}"
             )
         self.pending = (keys, values)
+        self.dtype = keys.dtype
         self.offset += keys.shape[2]
         self._fetched = self._dense(keys.dtype)
         return self._fetched
@@ -75,8 +85,8 @@ class PatternKVCache(_BaseCache):
         return self._fetched is not None and keys is self._fetched[0] and values is self._fetched[1]
 
     def keys_and_values(self):
-        dtype = self.pending[0].dtype if self.pending else self.config.mx_dtype
-        return self._dense(dtype)
+        """Lazily dequantized K/V of every token, in the dtype of the model's keys."""
+        return self._dense(self.pending[0].dtype if self.pending else self.dtype)
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
@@ -161,6 +171,7 @@ class PatternKVCache(_BaseCache):
             version=STATE_VERSION, config=json.loads(cfg.to_json()), offset=self.offset,
             n_quant=q, n_win=nw, n_kpat=self.n_kpat, n_vpat=self.n_vpat,
             k_mined=self.k_mined, v_mined=self.v_mined, first_flush=self.first_flush,
+            dtype=str(self.dtype).rsplit(".", 1)[-1],
         )  # fmt: skip
         return (*arrays, json.dumps(meta))
 
@@ -173,6 +184,7 @@ class PatternKVCache(_BaseCache):
                 raise ValueError(f"state version {meta.get('version')}, expected {STATE_VERSION}")
             self.config = PatternKVConfig(**meta["config"])
             self._reset()
+            self.dtype = getattr(mx, meta["dtype"])
             for name in ("offset", "n_quant", "n_win", "n_kpat", "n_vpat", "k_mined", "v_mined", "first_flush"):
                 setattr(self, name, int(meta[name]))
             if len(arrays) != 12:
@@ -186,7 +198,7 @@ class PatternKVCache(_BaseCache):
                 self.v_win = _grow(v_win, 2, w - v_win.shape[2])
             self._check()
             self._fit_capacity()
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
             raise ValueError(f"corrupt or mismatched PatternKV cache state: {e}") from None
 
     def _check(self):
@@ -252,9 +264,9 @@ class PatternKVCache(_BaseCache):
         """Lazy dense K/V of every token (quantized part dequantized), [B, H, offset, D]."""
         ks, vs = [], []
         if self.n_quant:
-            k, v = self._dequant(0, self.n_quant)
-            ks.append(k.astype(dtype))
-            vs.append(v.astype(dtype))
+            k, v = self._dequant(0, self.n_quant, dtype)
+            ks.append(k)
+            vs.append(v)
         if self.n_win:
             ks.append(self.k_win[:, :, : self.n_win].astype(dtype))
             vs.append(self.v_win[:, :, : self.n_win].astype(dtype))
@@ -265,31 +277,26 @@ class PatternKVCache(_BaseCache):
             return ks[0], vs[0]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
 
-    def _dequant(self, t0: int, t1: int):
-        """Dequantized K/V of quantized tokens [t0, t1) (whole groups of G): [B, H, t1 - t0, D] fp32."""
+    def _dequant(self, t0: int, t1: int, dtype=mx.float32):
+        """Dequantized K/V of quantized tokens [t0, t1): [B, H, t1 - t0, D] in dtype (one fused
+        `mx.dequantize` per residual, then the patterns added)."""
         cfg = self.config
         g, bk, bv = cfg.group_size, cfg.k_bits, cfg.v_bits
-        b, h, _, d = self.k_win.shape
-        dv = self.v_win.shape[-1]
         t0g, t1g = t0 // g * g, -(-t1 // g) * g
-        k = dequantize(
+        k = mx.dequantize(
             self.k_codes[..., t0g * bk // 32 : t1g * bk // 32],
-            self.k_scales[..., t0g // g : t1g // g],
-            self.k_mins[..., t0g // g : t1g // g],
-            bk,
-            g,
-        ).swapaxes(-1, -2)[:, :, t0 - t0g : t1 - t0g]  # [B, H, T, D]
-        gv = cfg.v_group_size(dv)
-        v = dequantize(
-            self.v_codes[:, :, t0:t1], self.v_scales[:, :, t0:t1], self.v_mins[:, :, t0:t1], bv, gv
-        )  # [B, H, T, Dv]
-        n = b * h
+            self.k_scales[..., t0g // g : t1g // g].astype(dtype),
+            self.k_mins[..., t0g // g : t1g // g].astype(dtype),
+            group_size=g, bits=bk,
+        ).swapaxes(-1, -2)[:, :, t0 - t0g : t1 - t0g]  # [B, H, T, D]  fmt: skip
+        v = mx.dequantize(
+            self.v_codes[:, :, t0:t1], self.v_scales[:, :, t0:t1].astype(dtype), self.v_mins[:, :, t0:t1].astype(dtype),
+            group_size=cfg.v_group_size(self.v_win.shape[-1]), bits=bv,
+        )  # [B, H, T, Dv]  fmt: skip
         if self.k_bank is not None:
-            idx = self.k_idx[:, :, t0:t1].reshape(n, -1)
-            k = k + patterns.gather_patterns(self.k_bank.reshape(n, -1, d), idx).reshape(k.shape)
+            k = k + _patterns_of(self.k_bank, self.k_idx[:, :, t0:t1], dtype)
         if self.v_bank is not None:
-            idx = self.v_idx[:, :, t0:t1].reshape(n, -1)
-            v = v + patterns.gather_patterns(self.v_bank.reshape(n, -1, dv), idx).reshape(v.shape)
+            v = v + _patterns_of(self.v_bank, self.v_idx[:, :, t0:t1], dtype)
         return k, v
 
     def _commit(self):

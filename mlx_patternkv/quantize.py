@@ -4,7 +4,8 @@
 
 PATTERNKV.md's quantizer: scale = (max - min) / (2^b - 1), code = round((x - min) / scale),
 x_hat = code * scale + min, scale and min stored in the cache dtype. (`mx.quantize` itself moves the
-bias so that 0 is exact, which is a different quantizer: we only borrow its layout.)
+bias so that 0 is exact, which is a different quantizer: we only borrow its layout, and dequantize
+with `mx.dequantize(codes, scales, mins)`.)
 """
 
 import mlx.core as mx
@@ -31,20 +32,6 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     return mx.stack(words, axis=-1).reshape(*lead, n // 32 * bits)
 
 
-def unpack(words: mx.array, bits: int) -> mx.array:
-    """Inverse of `pack`: [..., N * bits // 32] uint32 -> [..., N] uint32 codes."""
-    *lead, nw = words.shape
-    w = words.reshape(*lead, nw // bits, bits)  # [..., N/32, bits]
-    pos = mx.arange(32) * bits
-    word, shift = pos // 32, (pos % 32).astype(mx.uint32)
-    lo = mx.right_shift(mx.take(w, word, axis=-1), shift)
-    nxt = mx.take(w, mx.minimum(word + 1, bits - 1), axis=-1)
-    hi = mx.where(shift + bits > 32, mx.left_shift(nxt, (32 - shift) % 32), 0)
-    mask = (1 << bits) - 1
-    codes = mx.bitwise_and(lo | hi, mask)
-    return codes.reshape(*lead, nw // bits * 32)
-
-
 def quantize(x: mx.array, bits: int, group_size: int, dtype=mx.float16):
     """Quantize x [..., N] along the last axis in groups of `group_size`.
 
@@ -62,12 +49,3 @@ def quantize(x: mx.array, bits: int, group_size: int, dtype=mx.float16):
     q = mx.round((xg - mins.astype(mx.float32)[..., None]) / safe)
     q = mx.where(s > 0, mx.clip(q, 0, 2**bits - 1), 0).astype(mx.uint32)
     return pack(q.reshape(*lead, n), bits), scales, mins
-
-
-def dequantize(codes: mx.array, scales: mx.array, mins: mx.array, bits: int, group_size: int):
-    """codes [..., N * bits // 32] -> float32 [..., N] = code * scale + min."""
-    q = unpack(codes, bits).astype(mx.float32)
-    *lead, n = q.shape
-    q = q.reshape(*lead, n // group_size, group_size)
-    x = q * scales.astype(mx.float32)[..., None] + mins.astype(mx.float32)[..., None]
-    return x.reshape(*lead, n)
