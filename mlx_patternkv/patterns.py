@@ -79,22 +79,37 @@ def assign_l2(x: mx.array, bank: mx.array) -> mx.array:
     return mx.argmin(sq_dist(x, bank), axis=-1).astype(mx.uint8)
 
 
-def minmax_dist(x: mx.array, bank: mx.array, chunk_bytes: int = 1 << 26) -> mx.array:
-    """d(x, c) = max_j (x_j - c_j) - min_j (x_j - c_j). x [N, T, D], bank [N, M, D] -> [N, T, M] fp32.
+def nearest_minmax(x: mx.array, bank: mx.array, allowed=None, chunk_bytes: int = 1 << 25) -> mx.array:
+    """Index of the nearest pattern by min-max distance d(x, c) = max_j (x_j - c_j) - min_j (x_j - c_j).
 
-    The residuals are laid out [N, D, T, m] (reducing over a leading axis is 3-4x faster on the CPU
-    than over the last one) and computed in slices of patterns under chunk_bytes.
+    x [N, T, D], bank [N, M, D], allowed: None or bool [T, M] (patterns a token may use).
+    Returns [N, T] int32 (ties: the lower index). The [N, D, T, m] residuals are computed for a slice
+    of patterns at a time and each slice is evaluated before the next is built, so at most
+    chunk_bytes of them exist (reducing over a leading axis is 3-4x faster on the CPU than over the
+    last one).
     """
     xt = x.astype(mx.float32).swapaxes(1, 2)[..., None]  # [N, D, T, 1]
     bt = bank.astype(mx.float32).swapaxes(1, 2)[:, :, None, :]  # [N, D, 1, M]
     n, dim, t, _ = xt.shape
     m = bt.shape[-1]
     step = max(1, chunk_bytes // (4 * n * t * dim))
-    out = []
+    best_d = best_i = None
     for s in range(0, m, step):
         r = xt - bt[..., s : s + step]  # [N, D, T, m]
-        out.append(r.max(1) - r.min(1))
-    return mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+        d = r.max(1) - r.min(1)  # [N, T, m]
+        if allowed is not None:
+            d = mx.where(allowed[:, s : s + step], d, mx.inf)
+        i = mx.argmin(d, axis=-1)
+        v = mx.take_along_axis(d, i[..., None], axis=-1)[..., 0]
+        if best_d is None:
+            best_d, best_i = v, i.astype(mx.int32) + s
+        else:
+            better = v < best_d
+            best_i = mx.where(better, i.astype(mx.int32) + s, best_i)
+            best_d = mx.where(better, v, best_d)
+        if s + step < m:
+            mx.eval(best_d, best_i)
+    return best_i
 
 
 def chebyshev_center(x: mx.array) -> mx.array:
@@ -154,11 +169,10 @@ def grow_and_assign(x: mx.array, bank: mx.array, group_size: int, max_patterns: 
     add = max(0, min(groups, max_patterns - m))
     new = ((xg.min(2) + xg.max(2)) / 2)[:, :add].astype(bank.dtype)  # [N, a, D]
     full = mx.concatenate([bank, new], axis=1) if add else bank
-    d = minmax_dist(x, full)  # [N, n, M + a]
     # group g may only use the patterns that existed after its own flush
     limit = mx.minimum(m + 1 + mx.arange(groups), m + add)  # [groups]
     allowed = mx.arange(m + add)[None, :] < mx.repeat(limit, group_size)[:, None]  # [n, M + a]
-    idx = mx.argmin(mx.where(allowed, d, mx.inf), axis=-1).astype(mx.uint8)
+    idx = nearest_minmax(x, full, allowed).astype(mx.uint8)
     return new, idx
 
 
