@@ -8,11 +8,13 @@ For query q and quantized token t with K pattern i_t, residual codes r_t, V patt
 Both residual products are `mx.quantized_matmul` on the stored codes. Softmax is in fp32.
 
 Decode and short chunks use this form; long chunks (prefill) use fused SDPA over the dequantized
-history (see COMPRESSED_ROWS). This is the portable path (MLX ops, any backend).
+history (see COMPRESSED_ROWS). On a GPU, decode goes to the fused kernel of `kernels.py` (Metal, or
+CUDA from the same source); elsewhere, or with MLX_PATTERNKV_PORTABLE=1, to the MLX-ops path here.
 """
 
 import mlx.core as mx
 
+from . import kernels
 from .config import NO_PATTERN
 
 # Decode and short chunks (at most this many query rows per KV head: query heads per KV head x
@@ -33,6 +35,18 @@ def compressed_attention(queries, cache, scale: float, mask=None, sinks=None):
     if cache.n_quant == 0 or hq // k_new.shape[1] * n_q > COMPRESSED_ROWS:
         keys, values = cache._fetched or cache.keys_and_values()  # [B, H, offset, D], lazy
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    cfg = cache.config
+    d = queries.shape[-1]
+    if (
+        n_q == 1 and mask is None and sinks is None and v_new.shape[-1] == d and kernels.backend()
+        and kernels.supports(d, hq, k_new.shape[1], cfg.k_bits, cfg.v_bits, cfg.group_size)
+    ):  # fmt: skip
+        return kernels.decode_attention(
+            queries, cache.k_bank, cache.k_idx, cache.k_codes, cache.k_scales, cache.k_mins,
+            cache.v_bank, cache.v_idx, cache.v_codes, cache.v_scales, cache.v_mins,
+            cache.k_win, cache.v_win, cache.n_quant, cache.n_win, k_new, v_new, scale,
+            k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
+        )  # fmt: skip
     if isinstance(mask, mx.array):
         if mask.ndim < 4:
             mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)

@@ -1,0 +1,383 @@
+# Copyright © 2026 mlx-patternkv authors.
+"""Fused GPU kernels for PatternKV: decode attention over the compressed cache, and the flush.
+
+The kernel bodies are Metal source (`metal/*.metal`) written against a few helper names; Apple GPUs
+build them with `mx.fast.metal_kernel` after `metal/prelude_metal.h`, NVIDIA GPUs with
+`mx.fast.cuda_kernel` after `metal/prelude_cuda.h`, which maps the same names (and Metal's thread
+attributes) onto CUDA. Both get `metal/common.h`.
+
+Inputs are whole cache buffers (docs/DESIGN.md's layout); lengths travel as small int32 arrays, never
+as template values, so a kernel compiles once per (dtype, head_dim, GQA ratio, bits, group sizes,
+patterns on/off) and never per step.
+
+Public: `backend()`, `supports(...)`, `decode_attention(...)`, `flush(...)`.
+"""
+
+import functools
+import hashlib
+import math
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+
+_DIR = Path(__file__).parent / "metal"
+
+NT = 256  # threads per threadgroup of the attention kernels
+NT_FLUSH = {"metal": 512, "cuda": 512}  # threads per threadgroup of the flush kernel (1024 was slower)
+# V pattern term through the pattern-bin histogram (True), or by adding each gated token's pattern
+# row (False). Measured on an H200 (2-bit, 32q/8kv, D 128): equal at 4K tokens, the per-token rows
+# 22-28% faster from 16K on (the histogram's per-split partials and the bank product in the merge cost
+# more than re-reading cached bank rows).
+V_HISTOGRAM = False
+MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge holds 256 weights per head
+# aim for about this many split threadgroups per step (H200, 32q/8kv heads: 2048-token splits were
+# fastest at 64K tokens, batch 1 and 8; 128-token splits at 4K)
+TARGET_GROUPS = 256
+CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
+NO_PATTERN = 255
+
+# name -> (input names, output names)
+_KERNELS = {
+    "qk_table": (["q", "k_bank", "prm"], ["tab"]),
+    "decode_split": (
+        [
+            "q", "k_idx", "k_codes", "k_scales", "k_mins", "v_idx", "v_codes", "v_scales", "v_mins",
+            "v_bank", "k_win", "v_win", "k_new", "v_new", "tab", "prm",
+        ],
+        ["o_part", "ml_part", "h_part"],
+    ),  # fmt: skip
+    "decode_merge": (["o_part", "ml_part", "h_part", "v_bank", "prm"], ["out"]),
+    "flush": (["x", "bank", "prm"], ["idx", "codes", "scales", "mins", "centers"]),
+}
+
+# Test hooks: fill every kernel output with a poison value before the kernel runs (so an element a
+# kernel forgets to write shows up), and print the generated source.
+_POISON = False
+_VERBOSE = False
+
+
+def backend():
+    """"metal" or "cuda" when the fused kernels can run on the default device, else None.
+
+    None when MLX_PATTERNKV_PORTABLE=1 (or any value but 0 / empty), when the default device is the
+    CPU, or when MLX has neither a Metal nor a CUDA back-end."""
+    if os.environ.get("MLX_PATTERNKV_PORTABLE", "") not in ("", "0"):
+        return None
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def supports(head_dim: int, n_heads: int, n_kv_heads: int, k_bits: int, v_bits: int, group_size: int) -> bool:
+    """Whether `decode_attention` / `flush` handle this shape (else use the portable path):
+    head_dim 64, 128 or 256 (K and V alike: the thread layouts need a divisor of 256), GQA ratio 1..8,
+    bits 2/3/4/8, K group 32/64/128 tokens."""
+    return (
+        head_dim in (64, 128, 256)
+        and n_kv_heads > 0
+        and n_heads % n_kv_heads == 0
+        and 1 <= n_heads // n_kv_heads <= 8
+        and k_bits in (2, 3, 4, 8)
+        and v_bits in (2, 3, 4, 8)
+        and group_size in (32, 64, 128)
+    )
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+@functools.lru_cache(maxsize=None)
+def _text(name: str) -> str:
+    return (_DIR / name).read_text()
+
+
+def source(be: str, name: str):
+    """(header, body) of kernel `name` for backend `be` ("metal" or "cuda")."""
+    prelude = "prelude_metal.h" if be == "metal" else "prelude_cuda.h"
+    return _text(prelude) + "\n" + _text("common.h"), _text(name + ".metal")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(be: str, name: str):
+    header, body = source(be, name)
+    inputs, outputs = _KERNELS[name]
+    # the source hash in the name: MLX's CUDA back-end caches compiled kernels on disk by name
+    tag = hashlib.sha1((be + header + body).encode()).hexdigest()[:12]
+    make = mx.fast.metal_kernel if be == "metal" else mx.fast.cuda_kernel
+    return make(name=f"pkv_{name}_{tag}", input_names=inputs, output_names=outputs, source=body, header=header)
+
+
+def _launch(be, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, poison=None):
+    """One kernel launch. `poison`: the value unwritten outputs hold when _POISON is set."""
+    return _kernel(be, name)(
+        inputs=inputs,
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+        init_value=poison if _POISON else None,
+        verbose=_VERBOSE,
+    )
+
+
+def _dummy(dtype):
+    # more than 8 elements: Metal passes small arrays in the constant address space instead of device
+    return mx.zeros((16,), dtype)
+
+
+def _lengths(n, b: int, what: str):
+    """An int or B ints -> list of B python ints."""
+    if isinstance(n, mx.array):
+        n = n.tolist()
+    if not hasattr(n, "__len__"):
+        return [int(n)] * b
+    n = [int(v) for v in n]
+    if len(n) != b:
+        raise ValueError(f"{what} has {len(n)} entries for a batch of {b}")
+    return n
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def decode_attention(
+    q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
+    k_win, v_win, n_quant, n_win, k_new, v_new, scale, *, k_bits, v_bits, group_size, split_tokens=None,
+    v_histogram=None,
+):  # fmt: skip
+    """Attention of one query token per sequence over a PatternKV cache, in three fused launches
+    (q-pattern table, split pass, merge). Never rebuilds K or V.
+
+    q: [B, Hq, 1, D] (the model's dtype). Cache fields as in docs/DESIGN.md, whole buffers (never
+    sliced): k_bank [B, H, Mk, D] or None (K patterns off), k_idx [B, H, Tcap] uint8 or None,
+    k_codes [B, H, D, Tcap*k_bits/32] uint32, k_scales / k_mins [B, H, D, Tcap/group_size],
+    v_bank [B, H, Mv, D] or None, v_idx [B, H, Tcap] uint8 (255 = gate off) or None,
+    v_codes [B, H, Tcap, D*v_bits/32] uint32, v_scales / v_mins [B, H, Tcap, D/Gv] (Gv read from
+    the shape); the quantized arrays may be None when nothing is quantized. Bank rows past the valid
+    patterns must be zero or never referenced.
+    k_win, v_win: [B, H, W, D] FP16 window (or None). n_quant, n_win: int, or B ints for sequences
+    of different lengths (host values: an mx.array is read back). k_new, v_new: [B, H, L, D] the
+    step's new tokens, attended exactly after the window. scale: softmax scale.
+    split_tokens: tokens per split of the quantized part (a multiple of group_size); None picks one.
+    v_histogram: V pattern term through the pattern-bin histogram (True) or by adding each gated
+    token's pattern row (False); None: V_HISTOGRAM. Same result up to rounding.
+
+    Returns [B, Hq, 1, D] in q's dtype: softmax(q K^T * scale) V over the n_quant quantized tokens,
+    the n_win window rows and the L new tokens (fp32 softmax). Raises RuntimeError without a GPU
+    back-end and ValueError for shapes `supports` rejects.
+    """
+    be = backend()
+    if be is None:
+        raise RuntimeError("mlx_patternkv.kernels: no GPU back-end (or MLX_PATTERNKV_PORTABLE is set)")
+    return _decode_attention(
+        be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
+        k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens,
+        V_HISTOGRAM if v_histogram is None else v_histogram,
+    )  # fmt: skip
+
+
+def _split_size(nq_max: int, bh: int, g: int, split_tokens) -> int:
+    if split_tokens is None:
+        split_tokens = -(-nq_max * bh // TARGET_GROUPS)
+    st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), g)
+    return -(-st // g) * g
+
+
+def _decode_attention(
+    be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
+    k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens, v_hist=True,
+):  # fmt: skip
+    b, hq, lq, d = q.shape
+    h, ln = k_new.shape[1], k_new.shape[2]
+    if lq != 1:
+        raise ValueError(f"decode_attention takes one query token per sequence, got {lq}")
+    if hq % h or not supports(d, hq, h, k_bits, v_bits, group_size):
+        raise ValueError(f"unsupported: head_dim {d}, {hq} query / {h} KV heads, bits {k_bits}/{v_bits}, group {group_size}")
+    if k_new.shape != (b, h, ln, d) or v_new.shape != (b, h, ln, d):
+        raise ValueError(f"k_new {k_new.shape} / v_new {v_new.shape} do not match q {q.shape}")
+    r = hq // h
+    g = group_size
+    nq = _lengths(n_quant, b, "n_quant")
+    nw = _lengths(n_win, b, "n_win")
+    nq_max = max(nq)
+    w = 0 if k_win is None else k_win.shape[2]
+    if max(nw) > w or min(nw) < 0 or min(nq) < 0:
+        raise ValueError(f"n_win {nw} does not fit the window of {w} rows")
+    tcap = 0 if k_codes is None else k_scales.shape[-1] * g
+    if nq_max > tcap:
+        raise ValueError(f"n_quant {nq_max} exceeds the quantized capacity {tcap}")
+    gv = g if v_scales is None else d // v_scales.shape[-1]
+    kpat = k_bank is not None and k_idx is not None and nq_max > 0
+    vpat = v_bank is not None and v_idx is not None and nq_max > 0
+    if nq_max > 0:
+        want = {
+            "k_codes": (k_codes, (b, h, d, tcap * k_bits // 32)),
+            "k_mins": (k_mins, (b, h, d, tcap // g)),
+            "v_codes": (v_codes, (b, h, tcap, d * v_bits // 32)),
+            "v_scales": (v_scales, (b, h, tcap, d // gv)),
+            "v_mins": (v_mins, (b, h, tcap, d // gv)),
+        }
+        for name, (a, shape) in want.items():
+            if a is None or tuple(a.shape) != shape:
+                raise ValueError(f"{name} has shape {None if a is None else a.shape}, expected {shape}")
+        if gv not in (32, 64, 128) or d % gv:
+            raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
+
+    cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
+    st = _split_size(nq_max, b * h, g, split_tokens) if nq_max else g
+    nsq = -(-nq_max // st)
+    ns = nsq + 1
+    mkc = k_bank.shape[2] if kpat else 0
+    mvc = v_bank.shape[2] if vpat else 0
+    if mkc > 256 or mvc > 256:
+        raise ValueError("pattern banks hold at most 256 rows (uint8 indices)")
+
+    sbits = struct.unpack("<i", struct.pack("<f", scale * math.log2(math.e)))[0]
+    prm = mx.array([h, tcap, w, ln, st, nsq, mkc, mvc, sbits] + [v for pair in zip(nq, nw) for v in pair], mx.int32)
+    hist = vpat and v_hist
+
+    # q . k_bank
+    if kpat:
+        (tab,) = _launch(
+            be, "qk_table",
+            [q, k_bank, prm],
+            [("QT", q.dtype), ("T", k_bank.dtype), ("D", d), ("R", r)],
+            (NT * -(-mkc // (NT // 32)), h, b), (NT, 1, 1), [(b, h, r, mkc)], [mx.float32], float("nan"),
+        )  # fmt: skip
+    else:
+        tab = _dummy(mx.float32)
+
+    quant = nq_max > 0
+    u8, u32 = mx.uint8, mx.uint32
+    inputs = [
+        q,
+        k_idx if kpat else _dummy(u8),
+        k_codes if quant else _dummy(u32),
+        k_scales if quant else _dummy(cdt),
+        k_mins if quant else _dummy(cdt),
+        v_idx if vpat else _dummy(u8),
+        v_codes if quant else _dummy(u32),
+        v_scales if quant else _dummy(cdt),
+        v_mins if quant else _dummy(cdt),
+        v_bank if vpat else _dummy(cdt),
+        k_win if k_win is not None else _dummy(cdt),
+        v_win if v_win is not None else _dummy(cdt),
+        k_new, v_new, tab, prm,
+    ]  # fmt: skip
+    for a in inputs[3:5] + inputs[7:12]:
+        if a.dtype != cdt:
+            raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
+    o_part, ml_part, h_part = _launch(
+        be, "decode_split", inputs,
+        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
+         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("VHIST", hist)],
+        (NT * ns, h, b), (NT, 1, 1),
+        [(b, h, ns, r, d), (b, h, ns, r, 2), (b, h, max(nsq, 1), r, mvc) if hist else (1,)],
+        [mx.float32] * 3, float("nan"),
+    )  # fmt: skip
+    (out,) = _launch(
+        be, "decode_merge",
+        [o_part, ml_part, h_part, v_bank if hist else _dummy(cdt), prm],
+        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("HIST", hist)],
+        (NT * r, h, b), (NT, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------- flush
+
+
+def flush(
+    x, bank, n_pat: int, n: int, *, bits: int, group_size: int, values: bool = False, v_group_size=None,
+    max_patterns: int = 255, gate_z=None, dtype=None, x_start: int = 0,
+):  # fmt: skip
+    """Quantize n tokens of K (values=False) or V (values=True) in one launch: the later-flush path
+    of PATTERNKV.md, group by group of `group_size` tokens.
+
+    x: [B, H, T, D] any float dtype, whole buffer; tokens x_start .. x_start + n - 1 are flushed
+    (n a multiple of group_size). bank: [B, H, M, D], rows < n_pat valid (the bank *before* this
+    flush), or None when patterns are off. Group i's Chebyshev centre (min + max) / 2 joins the bank
+    as row n_pat + i while n_pat + i < max_patterns; each token is assigned to the nearest pattern of
+    the bank as it stands after its own group's centre joined, by min-max distance (first index on
+    ties). V (values=True): gate_z is the gate's z (None: no gate, every pattern kept); a token whose
+    gate fails stores index 255 and its raw vector. K residuals are quantized per channel over each
+    group, V residuals per token over v_group_size channels, both like quantize.quantize.
+    dtype: storage dtype of scales / mins / centres (default: the bank's, else x's).
+
+    Returns (idx [B, H, n] uint8, codes, scales, mins, centers [B, H, n/group_size, D]):
+      K: codes [B, H, D, n*bits/32] uint32, scales / mins [B, H, D, n/group_size];
+      V: codes [B, H, n, D*bits/32] uint32, scales / mins [B, H, n, D/v_group_size].
+    The caller writes centers[:, :, :k] into bank rows n_pat .. n_pat + k - 1, with
+    k = min(n/group_size, max(0, max_patterns - n_pat)).
+    """
+    be = backend()
+    if be is None:
+        raise RuntimeError("mlx_patternkv.kernels: no GPU back-end (or MLX_PATTERNKV_PORTABLE is set)")
+    return _flush(be, x, bank, n_pat, n, bits, group_size, values, v_group_size, max_patterns, gate_z, dtype, x_start)
+
+
+def _flush(be, x, bank, n_pat, n, bits, g, values, gv, max_patterns, gate_z, dtype, x_start):
+    b, h, tx, d = x.shape
+    if n % g or n <= 0 or x_start + n > tx:
+        raise ValueError(f"flush of {n} tokens from row {x_start} of {tx}: need whole groups of {g}")
+    if not supports(d, h, h, bits, bits, g):
+        raise ValueError(f"unsupported flush: head_dim {d}, bits {bits}, group {g}")
+    gv = gv or g
+    if values and (gv not in (32, 64, 128) or d % gv):
+        raise ValueError(f"V channel group {gv} does not divide head_dim {d}")
+    has_bank = bank is not None and n_pat > 0
+    dt = dtype or (bank.dtype if bank is not None else x.dtype)
+    if has_bank and (bank.shape[:2] != (b, h) or bank.shape[3] != d or n_pat > bank.shape[2]):
+        raise ValueError(f"bank {bank.shape} does not match x {x.shape} with {n_pat} patterns")
+    thr = -1.0 if gate_z is None else 2 * gate_z / math.sqrt(5 * d)
+    ngc = CENTER_FLOATS // d
+    ng = n // g
+    grow = max(0, min(max_patterns - n_pat, ng)) if has_bank else 0
+    if grow <= ngc:
+        chunks = [(0, ng)]
+    else:  # more centres than threadgroup memory holds: launch chunk by chunk, growing the bank
+        chunks = [(s, min(s + ngc, ng)) for s in range(0, ng, ngc)]
+    outs = []
+    cur_bank, cur_np = bank, n_pat
+    for g0, g1 in chunks:
+        o = _flush_launch(be, x, cur_bank if has_bank else None, cur_np, x_start + g0 * g, g1 - g0,
+                          bits, g, values, gv, max_patterns, thr, dt, ngc)  # fmt: skip
+        outs.append(o)
+        if has_bank and len(chunks) > 1:
+            k = max(0, min(max_patterns - cur_np, g1 - g0))
+            cur_bank = mx.concatenate([cur_bank[:, :, :cur_np], o[4][:, :, :k].astype(cur_bank.dtype)], axis=2)
+            cur_np += k
+    if len(outs) == 1:
+        return outs[0]
+    cat = lambda i, axis: mx.concatenate([o[i] for o in outs], axis=axis)  # noqa: E731
+    if values:
+        return cat(0, 2), cat(1, 2), cat(2, 2), cat(3, 2), cat(4, 2)
+    return cat(0, 2), cat(1, 3), cat(2, 3), cat(3, 3), cat(4, 2)
+
+
+def _flush_launch(be, x, bank, n_pat, x0, ng, bits, g, values, gv, max_patterns, thr, dt, ngc):
+    b, h, tx, d = x.shape
+    n = ng * g
+    nt = NT_FLUSH[be]
+    has_bank = bank is not None
+    mc = bank.shape[2] if has_bank else 0
+    tbits = struct.unpack("<i", struct.pack("<f", thr))[0]
+    prm = mx.array([h, tx, x0, ng, mc, max_patterns, n_pat if has_bank else 0, tbits], mx.int32)
+    if values:
+        shapes = [(b, h, n), (b, h, n, d * bits // 32), (b, h, n, d // gv), (b, h, n, d // gv), (b, h, ng, d)]
+    else:
+        shapes = [(b, h, n), (b, h, d, n * bits // 32), (b, h, d, ng), (b, h, d, ng), (b, h, ng, d)]
+    return _launch(
+        be, "flush",
+        [x, bank if has_bank else _dummy(dt), prm],
+        [("XT", x.dtype), ("T", dt), ("D", d), ("BITS", bits), ("G", g), ("GV", gv), ("IS_V", bool(values)),
+         ("HAS_BANK", has_bank), ("NGC", ngc), ("NTF", nt)],
+        (nt * ng, h, b), (nt, 1, 1), shapes, [mx.uint8, mx.uint32, dt, dt, dt], 253.0,
+    )  # fmt: skip

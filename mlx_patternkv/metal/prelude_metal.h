@@ -1,0 +1,44 @@
+// Copyright © 2026 mlx-patternkv authors.
+// Metal prelude: the helper names the kernel bodies (*.metal in this folder) are written against.
+// MLX puts its own utils (metal_stdlib, `using namespace metal`, float16_t / bfloat16_t) before this.
+// The bodies use Metal's thread attributes by name (thread_position_in_threadgroup,
+// threadgroup_position_in_grid, thread_index_in_simdgroup, simdgroup_index_in_threadgroup): MLX adds
+// them to the generated signature because the body mentions them. prelude_cuda.h maps the same names.
+#define PKV_METAL 1
+#define PKV_FUNC inline
+#define PKV_DEVICE device
+#define PKV_TG threadgroup
+#ifndef PKV_SHARED
+#define PKV_SHARED threadgroup
+#endif
+#define PKV_UNROLL _Pragma("clang loop unroll(full)")
+#define PKV_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define PKV_BARRIER_DEVICE() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
+
+typedef ulong pkv_u64;
+
+PKV_FUNC float pkv_simd_sum(float x) { return simd_sum(x); }
+PKV_FUNC float pkv_simd_max(float x) { return simd_max(x); }
+PKV_FUNC float pkv_simd_min(float x) { return simd_min(x); }
+PKV_FUNC float pkv_shfl_xor(float x, ushort m) { return simd_shuffle_xor(x, m); }
+
+PKV_FUNC float pkv_as_float(uint x) { return as_type<float>(x); }
+PKV_FUNC float pkv_exp2(float x) { return metal::exp2(x); }
+// Quantization must match the portable path bit for bit: precise (IEEE) division, square root and
+// round-half-to-even, whatever the math mode MLX compiles with.
+PKV_FUNC float pkv_div(float a, float b) { return metal::precise::divide(a, b); }
+PKV_FUNC float pkv_sqrt(float x) { return metal::precise::sqrt(x); }
+PKV_FUNC float pkv_rint(float x) { return metal::rint(x); }
+PKV_FUNC float pkv_fmax(float a, float b) { return metal::max(a, b); }
+PKV_FUNC float pkv_fmin(float a, float b) { return metal::min(a, b); }
+PKV_FUNC int pkv_imin(int a, int b) { return metal::min(a, b); }
+PKV_FUNC int pkv_imax(int a, int b) { return metal::max(a, b); }
+
+// Float add into threadgroup memory (a compare-and-swap loop: works on every Metal version).
+PKV_FUNC void pkv_atomic_add_tg(threadgroup float* p, float v) {
+  threadgroup atomic_uint* a = (threadgroup atomic_uint*)p;
+  uint old = atomic_load_explicit(a, memory_order_relaxed);
+  while (!atomic_compare_exchange_weak_explicit(
+      a, &old, as_type<uint>(as_type<float>(old) + v), memory_order_relaxed, memory_order_relaxed)) {
+  }
+}
