@@ -36,7 +36,7 @@ from .config import PatternKVConfig
 from .documents import DocumentError, document_hash, read_document
 from .integrate import install, load
 from .models import cache_dir, resolve_model
-from .planner import PlannerError, kv_shape, model_context, plan_table, read_model
+from .planner import PlannerError, kv_shape, longest_context, model_context, plan_table, read_model
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_GENERATE_MAX_TOKENS = 100  # mlx_lm.generate's default
@@ -700,13 +700,7 @@ def fit_document(conv, document, budget):
         prefix, _ = conv.document_prompt(document[:n])
         return len(conv.encode(prefix))
 
-    lo, hi = 0, len(document)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if size(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
+    lo = longest_context(size, budget, limit=len(document))
     cut = document.rfind(" ", 0, lo)
     return document[: cut if cut > lo // 2 else lo]
 
