@@ -1099,6 +1099,21 @@ def info(model, context, memory, group_size, window, patterns):
         raise click.ClickException(str(e)) from None
 
 
+@cli.command("eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True, help_option_names=[]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def eval_command(args):
+    """Quality of the compressed cache against FP16: perplexity, KL, top-1 agreement, needle in a
+    haystack, GSM8K, bytes and peak memory (`pkv-mlx eval --help` lists the options).
+
+    \b
+    Example:
+      pkv-mlx eval --quick --methods fp16,pkv2,kivi2
+    """
+    from .evaluate import main as eval_main
+
+    sys.exit(eval_main(list(args)))
+
+
 def main():
     cli(prog_name="pkv-mlx")
 
