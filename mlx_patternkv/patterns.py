@@ -165,9 +165,9 @@ def grow_and_assign(x: mx.array, bank: mx.array, group_size: int, max_patterns: 
     n_rows, n, dim = x.shape
     m = bank.shape[1]
     groups = n // group_size
-    xg = x.reshape(n_rows, groups, group_size, dim).astype(mx.float32)
     add = max(0, min(groups, max_patterns - m))
-    new = ((xg.min(2) + xg.max(2)) / 2)[:, :add].astype(bank.dtype)  # [N, a, D]
+    centers = chebyshev_center(x.reshape(n_rows * groups, group_size, dim)).reshape(n_rows, groups, dim)
+    new = centers[:, :add].astype(bank.dtype)  # [N, a, D]
     full = mx.concatenate([bank, new], axis=1) if add else bank
     # group g may only use the patterns that existed after its own flush
     limit = mx.minimum(m + 1 + mx.arange(groups), m + add)  # [groups]
