@@ -3,6 +3,7 @@ update, and attention on the compressed form against dense attention over the re
 dequantized cache."""
 
 import copy
+import zlib
 
 import mlx.core as mx
 import numpy as np
@@ -76,7 +77,10 @@ def check_storage(cache, heads):
 @pytest.mark.parametrize("name", list(CASES))
 def test_cache_matches_reference(name):
     cfg, chunks = CASES[name]
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    # A fixed seed per case (str hash() differs per process): the numpy k-means must pick exactly the
+    # same clusters, and a float32 near-tie between two centroids, decided differently by the two
+    # implementations' rounding, would send them apart (seen about once in ten random draws).
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     cache = PatternKVCache(cfg)
 
     def init_fn(b, h):
