@@ -84,11 +84,11 @@ def make_cache(b, h, d, t, kb, vb, g=128, window=128, n_pat=255, dtype=mx.float1
     return c
 
 
-def kernel_call(c, q, scale, split_tokens=None, v_histogram=None):
+def kernel_call(c, q, scale, split_tokens=None):
     return kernels.decode_attention(
         q, c.k_bank, c.k_idx, c.k_codes, c.k_scales, c.k_mins, c.v_bank, c.v_idx, c.v_codes, c.v_scales,
         c.v_mins, c.k_win, c.v_win, c.n_quant, c.n_win, c.k_new, c.v_new, scale,
-        k_bits=c.kb, v_bits=c.vb, group_size=c.group, split_tokens=split_tokens, v_histogram=v_histogram,
+        k_bits=c.kb, v_bits=c.vb, group_size=c.group, split_tokens=split_tokens,
     )  # fmt: skip
 
 
@@ -154,7 +154,6 @@ def bench_attention(lengths, batches, bits=(2, 4), hq=32, h=8, d=128, reps=20, t
                 c = make_cache(b, h, d, t, nb, nb)
                 row[f"pkv{nb}_bytes"] = pkv_bytes(c, b, h, d, c.k_bank.shape[2])
                 _timed(row, f"pkv{nb}_kernel", lambda: kernel_call(c, q, scale), reps, trials, log)
-                _timed(row, f"pkv{nb}_kernel_nohist", lambda: kernel_call(c, q, scale, v_histogram=False), reps, trials, log)
                 _timed(row, f"pkv{nb}_portable", lambda: portable_call(c, q, scale), max(2, reps // 4), 3, log)
                 del c
             log(json.dumps(row))
@@ -180,13 +179,12 @@ def bench_overheads(log=print):
 
 
 def bench_splits(t, b, split_list, bits=2, hq=32, h=8, d=128, log=print):
-    """Kernel time against the tokens per split (the default is split_tokens=None), both V modes."""
+    """Kernel time against the tokens per split (the default is split_tokens=None)."""
     c = make_cache(b, h, d, t, bits, bits)
     q = mx.random.normal((b, hq, 1, d)).astype(mx.float16)
     out = {"default": timeit(lambda: kernel_call(c, q, d**-0.5))}
     for st in split_list:
-        out[str(st)] = timeit(lambda: kernel_call(c, q, d**-0.5, st, True))
-        out[f"{st}_nohist"] = timeit(lambda: kernel_call(c, q, d**-0.5, st, False))
+        out[str(st)] = timeit(lambda: kernel_call(c, q, d**-0.5, st))
     res = dict(tokens=t, batch=b, times=out)
     log(json.dumps({"split_sweep": res}))
     return res

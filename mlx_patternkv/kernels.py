@@ -24,31 +24,25 @@ import mlx.core as mx
 
 _DIR = Path(__file__).parent / "metal"
 
-NT = 256  # threads per threadgroup of the attention kernels
+NT_MERGE = 256  # threads per threadgroup of the merge
 NT_FLUSH = {"metal": 512, "cuda": 512}  # threads per threadgroup of the flush kernel (1024 was slower)
-# V pattern term through the pattern-bin histogram (True), or by adding each gated token's pattern
-# row (False). Measured on an H200 (2-bit, 32q/8kv, D 128): equal at 4K tokens, the per-token rows
-# 22-28% faster from 16K on (the histogram's per-split partials and the bank product in the merge cost
-# more than re-reading cached bank rows).
-V_HISTOGRAM = False
 MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge holds 256 weights per head
-# aim for about this many split threadgroups per step (H200, 32q/8kv heads: 2048-token splits were
-# fastest at 64K tokens, batch 1 and 8; 128-token splits at 4K)
-TARGET_GROUPS = 256
+# aim for about this many split threadgroups per step: a few per GPU core, so that each SIMD group
+# gets about one tile at 64K tokens on an H200 (132 SMs)
+TARGET_GROUPS = 1024
 CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
 NO_PATTERN = 255
 
 # name -> (input names, output names)
 _KERNELS = {
-    "qk_table": (["q", "k_bank", "prm"], ["tab"]),
     "decode_split": (
         [
-            "q", "k_idx", "k_codes", "k_scales", "k_mins", "v_idx", "v_codes", "v_scales", "v_mins",
-            "v_bank", "k_win", "v_win", "k_new", "v_new", "tab", "prm",
+            "q", "k_bank", "k_idx", "k_codes", "k_scales", "k_mins", "v_bank", "v_idx", "v_codes",
+            "v_scales", "v_mins", "k_win", "v_win", "k_new", "v_new", "prm",
         ],
-        ["o_part", "ml_part", "h_part"],
+        ["o_part", "ml_part"],
     ),  # fmt: skip
-    "decode_merge": (["o_part", "ml_part", "h_part", "v_bank", "prm"], ["out"]),
+    "decode_merge": (["o_part", "ml_part", "prm"], ["out"]),
     "flush": (["x", "bank", "prm"], ["idx", "codes", "scales", "mins", "centers"]),
 }
 
@@ -150,10 +144,9 @@ def _lengths(n, b: int, what: str):
 def decode_attention(
     q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
     k_win, v_win, n_quant, n_win, k_new, v_new, scale, *, k_bits, v_bits, group_size, split_tokens=None,
-    v_histogram=None,
 ):  # fmt: skip
-    """Attention of one query token per sequence over a PatternKV cache, in three fused launches
-    (q-pattern table, split pass, merge). Never rebuilds K or V.
+    """Attention of one query token per sequence over a PatternKV cache, in two fused launches (split
+    pass, merge). Never rebuilds K or V.
 
     q: [B, Hq, 1, D] (the model's dtype). Cache fields as in docs/DESIGN.md, whole buffers (never
     sliced): k_bank [B, H, Mk, D] or None (K patterns off), k_idx [B, H, Tcap] uint8 or None,
@@ -161,13 +154,12 @@ def decode_attention(
     v_bank [B, H, Mv, D] or None, v_idx [B, H, Tcap] uint8 (255 = gate off) or None,
     v_codes [B, H, Tcap, D*v_bits/32] uint32, v_scales / v_mins [B, H, Tcap, D/Gv] (Gv read from
     the shape); the quantized arrays may be None when nothing is quantized. Bank rows past the valid
-    patterns must be zero or never referenced.
+    patterns must be finite (zero) or never referenced.
     k_win, v_win: [B, H, W, D] FP16 window (or None). n_quant, n_win: int, or B ints for sequences
     of different lengths (host values: an mx.array is read back). k_new, v_new: [B, H, L, D] the
     step's new tokens, attended exactly after the window. scale: softmax scale.
-    split_tokens: tokens per split of the quantized part (a multiple of group_size); None picks one.
-    v_histogram: V pattern term through the pattern-bin histogram (True) or by adding each gated
-    token's pattern row (False); None: V_HISTOGRAM. Same result up to rounding.
+    split_tokens: quantized tokens per split (rounded up to whole tiles of all SIMD groups); None
+    picks one.
 
     Returns [B, Hq, 1, D] in q's dtype: softmax(q K^T * scale) V over the n_quant quantized tokens,
     the n_win window rows and the L new tokens (fp32 softmax). Raises RuntimeError without a GPU
@@ -179,20 +171,27 @@ def decode_attention(
     return _decode_attention(
         be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
         k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens,
-        V_HISTOGRAM if v_histogram is None else v_histogram,
     )  # fmt: skip
 
 
-def _split_size(nq_max: int, bh: int, g: int, split_tokens) -> int:
+def split_geometry(d: int, r: int, k_bits: int):
+    """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NWARP and TILE)."""
+    nwarp = 2 if d * r >= 2048 else 4
+    tile = 32 * (4 if k_bits == 8 or r > 4 else 8)
+    return nwarp, tile
+
+
+def _split_size(nq_max: int, bh: int, chunk: int, split_tokens) -> int:
+    """Quantized tokens per split: a multiple of `chunk` (one tile for every SIMD group)."""
     if split_tokens is None:
         split_tokens = -(-nq_max * bh // TARGET_GROUPS)
-    st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), g)
-    return -(-st // g) * g
+    st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), chunk)
+    return -(-st // chunk) * chunk
 
 
 def _decode_attention(
     be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
-    k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens, v_hist=True,
+    k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens,
 ):  # fmt: skip
     b, hq, lq, d = q.shape
     h, ln = k_new.shape[1], k_new.shape[2]
@@ -231,7 +230,8 @@ def _decode_attention(
             raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    st = _split_size(nq_max, b * h, g, split_tokens) if nq_max else g
+    nwarp, tile = split_geometry(d, r, k_bits)
+    st = _split_size(nq_max, b * h, nwarp * tile, split_tokens) if nq_max else nwarp * tile
     nsq = -(-nq_max // st)
     ns = nsq + 1
     mkc = k_bank.shape[2] if kpat else 0
@@ -241,52 +241,37 @@ def _decode_attention(
 
     sbits = struct.unpack("<i", struct.pack("<f", scale * math.log2(math.e)))[0]
     prm = mx.array([h, tcap, w, ln, st, nsq, mkc, mvc, sbits] + [v for pair in zip(nq, nw) for v in pair], mx.int32)
-    hist = vpat and v_hist
-
-    # q . k_bank
-    if kpat:
-        (tab,) = _launch(
-            be, "qk_table",
-            [q, k_bank, prm],
-            [("QT", q.dtype), ("T", k_bank.dtype), ("D", d), ("R", r)],
-            (NT * -(-mkc // (NT // 32)), h, b), (NT, 1, 1), [(b, h, r, mkc)], [mx.float32], float("nan"),
-        )  # fmt: skip
-    else:
-        tab = _dummy(mx.float32)
-
     quant = nq_max > 0
     u8, u32 = mx.uint8, mx.uint32
     inputs = [
         q,
+        k_bank if kpat else _dummy(cdt),
         k_idx if kpat else _dummy(u8),
         k_codes if quant else _dummy(u32),
         k_scales if quant else _dummy(cdt),
         k_mins if quant else _dummy(cdt),
+        v_bank if vpat else _dummy(cdt),
         v_idx if vpat else _dummy(u8),
         v_codes if quant else _dummy(u32),
         v_scales if quant else _dummy(cdt),
         v_mins if quant else _dummy(cdt),
-        v_bank if vpat else _dummy(cdt),
         k_win if k_win is not None else _dummy(cdt),
         v_win if v_win is not None else _dummy(cdt),
-        k_new, v_new, tab, prm,
+        k_new, v_new, prm,
     ]  # fmt: skip
-    for a in inputs[3:5] + inputs[7:12]:
+    for a in [inputs[1], *inputs[4:7], *inputs[9:13]]:
         if a.dtype != cdt:
             raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
-    o_part, ml_part, h_part = _launch(
+    nt = 32 * nwarp
+    o_part, ml_part = _launch(
         be, "decode_split", inputs,
         [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
-         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("VHIST", hist)],
-        (NT * ns, h, b), (NT, 1, 1),
-        [(b, h, ns, r, d), (b, h, ns, r, 2), (b, h, max(nsq, 1), r, mvc) if hist else (1,)],
-        [mx.float32] * 3, float("nan"),
+         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat)],
+        (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2)], [mx.float32] * 2, float("nan"),
     )  # fmt: skip
     (out,) = _launch(
-        be, "decode_merge",
-        [o_part, ml_part, h_part, v_bank if hist else _dummy(cdt), prm],
-        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("HIST", hist)],
-        (NT * r, h, b), (NT, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
+        be, "decode_merge", [o_part, ml_part, prm], [("QT", q.dtype), ("D", d), ("R", r)],
+        (NT_MERGE * r, h, b), (NT_MERGE, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
     )  # fmt: skip
     return out
 

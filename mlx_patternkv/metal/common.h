@@ -27,6 +27,14 @@ PKV_FUNC float pkv_code_float(uint code) {
   return pkv_as_float(0x4B000000u | code) - 8388608.0f;
 }
 
+// Code `bits` bits wide at bit `pos` of w, as the float 1 + code / 2^bits: the code is shifted into
+// the top of the mantissa of 1.0 (two integer operations when pos and bits are constants).
+PKV_FUNC float pkv_unit(uint w, int pos, int bits) {
+  const int sh = 23 - bits - pos;
+  const uint x = sh >= 0 ? (w << uint(sh >= 0 ? sh : 0)) : (w >> uint(sh < 0 ? -sh : 0));
+  return pkv_as_float((x & (((1u << uint(bits)) - 1u) << uint(23 - bits))) | 0x3F800000u);
+}
+
 // The quantizer of quantize.py for one value: code = clip(rint((x - mn) / scale), 0, 2^b - 1) with
 // the stored (rounded) scale and min; a zero scale gives code 0.
 PKV_FUNC uint pkv_code(float x, float mn, float scale, uint qmax) {

@@ -1,74 +1,64 @@
 // Copyright © 2026 mlx-patternkv authors.
 // Kernel body: flash-decoding pass over the compressed cache, one query token per sequence.
 //
-// Grid (256 * (NSQ + 1), H, B), threadgroup (256, 1, 1). Threadgroup (s, h, b) takes the R query heads
-// of KV head h of sequence b together (GQA) and one split of the tokens: splits s < NSQ cover the
-// quantized tokens [s * ST, min((s + 1) * ST, n_quant[b])), split NSQ the dense tokens (the FP16
-// window rows < n_win[b], then the LN new tokens). It writes its partial softmax state (running max m,
-// sum l, unnormalised output o); decode_merge.metal combines the splits.
-//
-// The V pattern term sum_t p_t P_v[v_idx_t] (gated tokens) is computed one of two ways:
-//   VHIST: the pattern-bin histogram S[m] = sum of p_t over tokens with v_idx_t = m, kept in
-//          threadgroup memory and written per split; the merge adds sum_m S[m] P_v[m];
-//   else:  the pattern row P_v[v_idx_t] is added to each gated token's value (banks are small and
-//          stay in cache), so no histogram travels between the passes.
+// Grid (NT * (NSQ + 1), H, B), threadgroup (NT, 1, 1), NT = 32 * NWARP. Threadgroup (s, h, b) takes
+// the R query heads of KV head h of sequence b together (GQA) and one split of the tokens: splits
+// s < NSQ cover the quantized tokens [s * ST, min((s + 1) * ST, n_quant[b])), split NSQ the dense
+// tokens (the FP16 window rows < n_win[b], then the LN new tokens). Inside a split, each SIMD group
+// walks its own tiles of TILE tokens with its own online softmax and no threadgroup barrier; the
+// SIMD groups' states are combined once at the end, and the split's partial state (running max m,
+// sum l, unnormalised output o) is written for decode_merge.metal.
 //
 // Inputs (whole cache buffers; lengths are data, never template values):
 //   q [B, Hq, 1, D] QT                        Hq = H * R, query head h * R + r uses KV head h
+//   k_bank [B, H, MKC, D] T                   K patterns (KPAT)
 //   k_idx [B, H, TCAP] uint8                  K pattern per quantized token
 //   k_codes [B, H, D, TCAP * KB / 32] uint32  K residual, per channel, packed along tokens
 //   k_scales, k_mins [B, H, D, TCAP / G] T
+//   v_bank [B, H, MVC, D] T                   V patterns (VPAT)
 //   v_idx [B, H, TCAP] uint8                  V pattern, 255 = gate off
 //   v_codes [B, H, TCAP, D * VB / 32] uint32  V residual, per token, packed along channels
 //   v_scales, v_mins [B, H, TCAP, D / GV] T
-//   v_bank [B, H, MVC, D] T                   (read only without VHIST)
 //   k_win, v_win [B, H, W, D] T               FP16 window
 //   k_new, v_new [B, H, LN, D] QT             the step's new tokens (attended exactly)
-//   tab [B, H, R, MKC] float                  q . k_bank (qk_table.metal)
 //   prm int32 [9 + 2 B]                       H, TCAP, W, LN, ST, NSQ, MKC, MVC, bits of the float
 //                                             softmax scale * log2(e), then n_quant, n_win per sequence
 // Outputs:
-//   o_part [B, H, NSQ + 1, R, D] float, ml_part [B, H, NSQ + 1, R, 2] float (m in log2 units, l),
-//   h_part [B, H, NSQ, R, MVC] float (VHIST only; written for non-empty splits)
-// Template: QT, T, D, R (<= 8), KB, VB (2/3/4/8), G (tokens per K group: 32/64/128), GV (V channel
-// group), KPAT, VPAT (pattern banks present), VHIST.
+//   o_part [B, H, NSQ + 1, R, D] float, ml_part [B, H, NSQ + 1, R, 2] float (m in log2 units, l)
+// Template: QT, T, D (64/128/256), R (<= 8), KB, VB (2/3/4/8), G (tokens per K group: 32/64/128),
+// GV (V channel group), KPAT, VPAT (pattern banks present).
 //
-// A block is one K group of G tokens (one scale/min per channel). The next block's codes, scales and
-// indices are loaded into registers while the current block is computed (K data after B, V codes
-// after F). Per block:
-//  A. per-channel q * scale into threadgroup memory, and q . min partial sums;
-//  B. scores: each thread takes 4 consecutive tokens and D / DS channels, reduce over the DS lanes
-//     of its token slot (shuffles), add the pattern score tab[idx] and q . min;
-//  C. online softmax in fp32 (one SIMD group per query head);
-//  D. rescale the running output (and histogram) when the max moved;
-//  E. VHIST: p of gated tokens added into bin v_idx (threadgroup atomics);
-//  F. values: each thread takes 4 consecutive channels of G / TL tokens.
-constexpr int NT = 256;
-constexpr int NW = NT / 32;
-constexpr int TPT = 4;                // tokens per thread in B
-constexpr int SLOTS = G / TPT;        // token slots of a block
-constexpr int DS = NT / SLOTS;        // lanes per slot (8, 16, 32 for G = 128, 64, 32)
-constexpr int DPS = D / DS;           // channels per lane in B
-constexpr int CPT = 4;                // channels per thread in F
-constexpr int RT = D / CPT;           // threads per token row in F
-constexpr int TL = NT / RT;           // token lanes in F
-constexpr int TPF = G / TL;           // tokens per thread in F
-constexpr int NGV = D / GV;           // V channel groups per token
-constexpr int MB = 256;               // bins reserved per head (indices are uint8)
-constexpr bool HIST = VPAT && VHIST;
+// Prologue: q into threadgroup memory, and the q-pattern score table tab[r][m] = q_r . P_k[m].
+// Per tile of a SIMD group:
+//  scores  lane l takes TPL consecutive tokens (dense split: tokens l, l + 32, ...) and loops over
+//          the channels: one load brings the lane's TPL K codes of a channel (the per-channel
+//          layout makes a SIMD group's loads contiguous); a code c becomes the float 1 + c / 2^KB
+//          with two integer operations (shift, mask-or into the mantissa of 1.0), so
+//            q . (scale * c + min) = (q * scale * 2^KB) . (1 + c / 2^KB) - q * scale * 2^KB + q * min,
+//          the last two summed once per lane; plus the pattern score tab[r][k_idx];
+//  softmax online in fp32 per query head (the SIMD group's max), probabilities into threadgroup
+//          memory (this SIMD group's slice only; a SIMD-group barrier orders it);
+//  values  lane l takes CPL = 8 channels of token l / LPT of each step (LPT = D / 8 lanes a token,
+//          TPS = 32 / LPT tokens a step); the V codes decode the same way, the min and the
+//          1 + c / 2^VB offset go into one per-lane sum, and a gated token adds its pattern row.
+constexpr int NWARP = (D * R >= 2048) ? 2 : 4;  // SIMD groups (kernels.py launches 32 * NWARP threads)
+constexpr int NT = 32 * NWARP;
+constexpr int TPL = (KB == 8 || R > 4) ? 4 : 8;  // tokens per lane in the score phase
+constexpr int TILE = 32 * TPL;                     // tokens per tile
+constexpr int CPL = 8;                             // V channels per lane
+constexpr int LPT = D / CPL;                       // lanes per token in the value phase
+constexpr int TPS = 32 / LPT;                      // tokens per value step
+constexpr int NGV = D / GV;                        // V channel groups per token
+constexpr int MB = 256;                            // table columns per head (indices are uint8)
 constexpr uint KMASK = (1u << KB) - 1u;
 constexpr uint VMASK = (1u << VB) - 1u;
+constexpr float KSCALE = float(1u << KB);
+constexpr float VSCALE = float(1u << VB);
 
-PKV_SHARED float qs_sh[D * R];          // [d][r]: q * scale of the block (dense: q); reused by the epilogue
-PKV_SHARED float cw_sh[NW * R];         // per SIMD group partial q . min
-PKV_SHARED float p_sh[G * R];           // [t][r]: scores, then probabilities
-PKV_SHARED float tab_sh[KPAT ? R * MB : 1];
-PKV_SHARED float hist_sh[HIST ? R * MB : 1];
-PKV_SHARED float vs_sh[G * NGV];        // V scale, min of the block's tokens
-PKV_SHARED float vm_sh[G * NGV];
-PKV_SHARED int kid_sh[G];               // K, V pattern index of the block's tokens
-PKV_SHARED int vid_sh[G];
-PKV_SHARED float st_sh[3 * R];          // m, l, correction of each head
+PKV_SHARED float q_sh[D * R];                     // [d][r]
+PKV_SHARED float tab_sh[KPAT ? R * MB : 1];       // [r][m]
+PKV_SHARED float p_sh[NWARP * TILE * R];          // [warp][token of the tile][r]; o at the end
+PKV_SHARED float st_sh[NWARP * 2 * R];            // [warp][m, l][r]
 
 const int tid = int(thread_position_in_threadgroup.x);
 const int lane = int(thread_index_in_simdgroup);
@@ -101,341 +91,252 @@ if (!dense) {
 const int WK = TCAP * KB / 32;  // words per K channel row
 const int WV = D * VB / 32;     // words per V token row
 const int NGK = TCAP / G;       // K groups per channel row
+const int c0 = (lane % LPT) * CPL;  // first channel of this lane in the value phase
+const int tsub = lane / LPT;        // token of this lane in a value step
 
-const int slot = tid / DS;
-const int ds = tid % DS;
-const int tb = slot * TPT;     // first token of this thread's slot, block-relative
-const int cq = tid % RT;
-const int c0 = cq * CPT;       // first channel of this thread in F
-const int tlane = tid / RT;
-
-// q of channel `tid` for the R heads
-float qv[R];
-for (int r = 0; r < R; ++r) {
-  qv[r] = tid < D ? static_cast<float>(q[(bh * R + r) * D + tid]) : 0.0f;
+// ---- prologue: q, and the pattern score table
+for (int i = tid; i < D * R; i += NT) {
+  const int r = i / D;
+  const int d = i % D;
+  q_sh[d * R + r] = static_cast<float>(q[(bh * R + r) * D + d]);
 }
-if (tid < R) {
-  st_sh[tid] = PKV_NEG;
-  st_sh[R + tid] = 0.0f;
-  st_sh[2 * R + tid] = 1.0f;
-}
-if (KPAT && !dense) {
-  for (int i = tid; i < R * MKC; i += NT) {
-    tab_sh[(i / MKC) * MB + i % MKC] = tab[bh * R * MKC + i];
-  }
-}
-if (HIST && !dense) {
-  for (int i = tid; i < R * MB; i += NT) {
-    hist_sh[i] = 0.0f;
-  }
-}
-float acc[CPT][R];
-for (int j = 0; j < CPT; ++j) {
-  for (int r = 0; r < R; ++r) {
-    acc[j][r] = 0.0f;
-  }
-}
-
-// ---- registers holding the next block of a quantized split
-float pf_sc = 0.0f;        // A: K scale, min of channel tid
-float pf_mn = 0.0f;
-uint pf_k[DPS];            // B: K code words (TPT tokens of channel ds + i * DS)
-uint pf_v[TPF];            // F: V code words (CPT channels of token tlane + i * TL)
-float pf_vs[NGV];          // V scale, min of token tid
-float pf_vm[NGV];
-int pf_kid = 0;            // K, V pattern index of token tid
-int pf_vid = PKV_NO_PATTERN;
-for (int i = 0; i < DPS; ++i) {
-  pf_k[i] = 0u;
-}
-for (int i = 0; i < TPF; ++i) {
-  pf_v[i] = 0u;
-}
-for (int i = 0; i < NGV; ++i) {
-  pf_vs[i] = 0.0f;
-  pf_vm[i] = 0.0f;
-}
-// next block's K codes, K scale/min, pattern indices and V scale/min (issued after B)
-#define PKV_PREFETCH_K(T0)                                                                      \
-  if (!dense && (T0) < t_end) {                                                                 \
-    const int pt0 = (T0);                                                                       \
-    if (tid < D) {                                                                              \
-      const int gi = (bh * D + tid) * NGK + pt0 / G;                                            \
-      pf_sc = static_cast<float>(k_scales[gi]);                                                 \
-      pf_mn = static_cast<float>(k_mins[gi]);                                                   \
-    }                                                                                           \
-    const uint kbit = uint(pt0 + tb) * uint(KB);                                                \
-    PKV_UNROLL for (int i = 0; i < DPS; ++i) {                                                  \
-      pf_k[i] = pkv_bits(k_codes + (bh * D + ds + i * DS) * WK, kbit, uint(TPT * KB));          \
-    }                                                                                           \
-    if (tid < G) {                                                                              \
-      const int t = pt0 + tid;                                                                  \
-      for (int i = 0; i < NGV; ++i) {                                                           \
-        pf_vs[i] = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + i]);                     \
-        pf_vm[i] = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + i]);                       \
-      }                                                                                         \
-      if (KPAT) {                                                                               \
-        pf_kid = int(k_idx[bh * TCAP + t]);                                                     \
-      }                                                                                         \
-      if (VPAT) {                                                                               \
-        pf_vid = int(v_idx[bh * TCAP + t]);                                                     \
-      }                                                                                         \
-    }                                                                                           \
-  }
-// next block's V codes (issued after F)
-#define PKV_PREFETCH_V(T0)                                                                      \
-  if (!dense && (T0) < t_end) {                                                                 \
-    PKV_UNROLL for (int i = 0; i < TPF; ++i) {                                                  \
-      pf_v[i] = pkv_bits(v_codes + (bh * TCAP + (T0) + tlane + i * TL) * WV, uint(c0 * VB),     \
-                         uint(CPT * VB));                                                       \
-    }                                                                                           \
-  }
-
-PKV_PREFETCH_K(t_begin)
-PKV_PREFETCH_V(t_begin)
 PKV_BARRIER();
-
-for (int t0 = t_begin; t0 < t_end; t0 += G) {
-  // ---- A: this block's prefetched scales and indices into threadgroup memory
-  const float sc = pf_sc;
-  const float mn = pf_mn;
-  if (!dense && tid < G) {
-    const bool valid = t0 + tid < t_end;
-    kid_sh[tid] = pf_kid;
-    vid_sh[tid] = valid ? pf_vid : PKV_NO_PATTERN;
-    for (int i = 0; i < NGV; ++i) {
-      vs_sh[tid * NGV + i] = pf_vs[i];
-      vm_sh[tid * NGV + i] = pf_vm[i];
+if (KPAT && !dense) {
+  for (int m = tid; m < MKC; m += NT) {
+    float a[R];
+    for (int r = 0; r < R; ++r) {
+      a[r] = 0.0f;
     }
-  }
-  {
-    float part[R];
-    if (tid < D) {
+    for (int d = 0; d < D; ++d) {
+      const float x = static_cast<float>(k_bank[(bh * MKC + m) * D + d]);
       for (int r = 0; r < R; ++r) {
-        qs_sh[tid * R + r] = dense ? qv[r] : qv[r] * sc;
+        a[r] += q_sh[d * R + r] * x;
       }
     }
     for (int r = 0; r < R; ++r) {
-      part[r] = dense ? 0.0f : qv[r] * mn;
-    }
-    for (int r = 0; r < R; ++r) {
-      float s = pkv_simd_sum(part[r]);
-      if (lane == 0) {
-        cw_sh[warp * R + r] = s;
-      }
+      tab_sh[r * MB + m] = a[r];
     }
   }
   PKV_BARRIER();
+}
 
-  // ---- B: scores of the block's tokens
-  {
-    float a[TPT][R];
-    for (int j = 0; j < TPT; ++j) {
-      for (int r = 0; r < R; ++r) {
-        a[j][r] = 0.0f;
-      }
+// ---- this SIMD group's tiles
+float m_run[R];    // running max (log2 units), uniform over the SIMD group
+float l_run[R];    // running sum, this lane's tokens
+float am[R];       // per-lane sum added to each of the lane's channels (V min and 1.0 offsets)
+float acc[CPL][R]; // unnormalised output, channels c0 .. c0 + CPL - 1
+for (int r = 0; r < R; ++r) {
+  m_run[r] = PKV_NEG;
+  l_run[r] = 0.0f;
+  am[r] = 0.0f;
+  for (int c = 0; c < CPL; ++c) {
+    acc[c][r] = 0.0f;
+  }
+}
+PKV_TG float* pw = p_sh + warp * TILE * R;
+
+for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
+  // ---- scores of this lane's TPL tokens
+  float s[TPL][R];
+  for (int j = 0; j < TPL; ++j) {
+    for (int r = 0; r < R; ++r) {
+      s[j][r] = 0.0f;
     }
-    if (!dense) {
-      PKV_UNROLL for (int i = 0; i < DPS; ++i) {
-        const int d = ds + i * DS;
-        for (int j = 0; j < TPT; ++j) {
-          const float code = pkv_code_float((pf_k[i] >> uint(j * KB)) & KMASK);
+  }
+  int nv = 0;  // valid tokens of this lane (quantized: the first nv of its TPL)
+  if (!dense) {
+    const int tl0 = tile + lane * TPL;
+    nv = pkv_imax(0, pkv_imin(TPL, t_end - tl0));
+    if (nv > 0) {
+      const int grp = tl0 / G;
+      float cq[R];  // sum_d q * scale * 2^KB
+      float cm[R];  // sum_d q * min
+      for (int r = 0; r < R; ++r) {
+        cq[r] = 0.0f;
+        cm[r] = 0.0f;
+      }
+      const PKV_DEVICE uint* kc = k_codes + bh * D * WK;
+      const int kg = bh * D * NGK + grp;
+      const uint kbit = uint(tl0) * uint(KB);
+      for (int d0 = 0; d0 < D; d0 += 4) {
+        uint w[4];
+        float sc[4];
+        float mn[4];
+        PKV_UNROLL for (int u = 0; u < 4; ++u) {
+          w[u] = pkv_bits(kc + (d0 + u) * WK, kbit, uint(TPL * KB));
+          sc[u] = static_cast<float>(k_scales[kg + (d0 + u) * NGK]) * KSCALE;
+          mn[u] = static_cast<float>(k_mins[kg + (d0 + u) * NGK]);
+        }
+        PKV_UNROLL for (int u = 0; u < 4; ++u) {
+          float qs[R];
           for (int r = 0; r < R; ++r) {
-            a[j][r] += qs_sh[d * R + r] * code;
+            const float qd = q_sh[(d0 + u) * R + r];
+            qs[r] = qd * sc[u];
+            cq[r] += qs[r];
+            cm[r] += qd * mn[u];
           }
-        }
-      }
-    } else {
-      for (int j = 0; j < TPT; ++j) {
-        const int t = t0 + tb + j;
-        if (t < nw) {
-          for (int i = 0; i < DPS; ++i) {
-            const int d = ds + i * DS;
-            const float x = static_cast<float>(k_win[(bh * W + t) * D + d]);
+          PKV_UNROLL for (int j = 0; j < TPL; ++j) {
+            const float f = pkv_unit(w[u], j * KB, KB);
             for (int r = 0; r < R; ++r) {
-              a[j][r] += qs_sh[d * R + r] * x;
-            }
-          }
-        } else if (t < t_end) {
-          for (int i = 0; i < DPS; ++i) {
-            const int d = ds + i * DS;
-            const float x = static_cast<float>(k_new[(bh * LN + t - nw) * D + d]);
-            for (int r = 0; r < R; ++r) {
-              a[j][r] += qs_sh[d * R + r] * x;
+              s[j][r] += qs[r] * f;
             }
           }
         }
       }
-    }
-    PKV_PREFETCH_K(t0 + G)
-    // reduce over the DS lanes of the slot; after the first two steps lane ds holds token
-    // jt = 2 * (ds & 1) + ((ds >> 1) & 1), then the remaining steps sum the rest of the lanes
-    const bool hi0 = (ds & 1) != 0;
-    const bool hi1 = (ds & 2) != 0;
-    float bsum[2][R];
-    for (int k = 0; k < 2; ++k) {
-      for (int r = 0; r < R; ++r) {
-        const float mine = hi0 ? a[k + 2][r] : a[k][r];
-        const float send = hi0 ? a[k][r] : a[k + 2][r];
-        bsum[k][r] = mine + pkv_shfl_xor(send, 1);
-      }
-    }
-    float sc2[R];
-    for (int r = 0; r < R; ++r) {
-      const float mine = hi1 ? bsum[1][r] : bsum[0][r];
-      const float send = hi1 ? bsum[0][r] : bsum[1][r];
-      sc2[r] = mine + pkv_shfl_xor(send, 2);
-    }
-    for (int off = 4; off < DS; off <<= 1) {
-      for (int r = 0; r < R; ++r) {
-        sc2[r] += pkv_shfl_xor(sc2[r], ushort(off));
-      }
-    }
-    if (ds < TPT) {
-      const int jt = 2 * (ds & 1) + ((ds >> 1) & 1);
-      const int t = t0 + tb + jt;
-      const bool valid = t < t_end;
-      const int kid = (KPAT && !dense) ? kid_sh[tb + jt] : 0;
-      for (int r = 0; r < R; ++r) {
-        float s = sc2[r];
-        if (!dense) {
-          for (int w2 = 0; w2 < (D + 31) / 32; ++w2) {
-            s += cw_sh[w2 * R + r];
-          }
+      for (int j = 0; j < TPL; ++j) {
+        const int kid = KPAT ? int(k_idx[bh * TCAP + tl0 + j]) : 0;
+        for (int r = 0; r < R; ++r) {
+          s[j][r] += cm[r] - cq[r];
           if (KPAT) {
-            s += tab_sh[r * MB + kid];
+            s[j][r] += tab_sh[r * MB + kid];
           }
         }
-        p_sh[(tb + jt) * R + r] = valid ? s * sl2 : PKV_NEG;
+      }
+    }
+  } else {
+    for (int j = 0; j < TPL; ++j) {
+      const int t = tile + j * 32 + lane;
+      if (t < t_end) {
+        const bool win = t < nw;
+        for (int d = 0; d < D; ++d) {
+          const float x = win ? static_cast<float>(k_win[(bh * W + t) * D + d])
+                              : static_cast<float>(k_new[(bh * LN + t - nw) * D + d]);
+          for (int r = 0; r < R; ++r) {
+            s[j][r] += q_sh[d * R + r] * x;
+          }
+        }
       }
     }
   }
-  PKV_BARRIER();
 
-  // ---- C: online softmax, one SIMD group per head
-  if (warp < R) {
-    const int r = warp;
-    float mx = PKV_NEG;
-    for (int i = lane; i < G; i += 32) {
-      mx = pkv_fmax(mx, p_sh[i * R + r]);
+  // ---- online softmax: max over the SIMD group, probabilities of this lane's tokens
+  for (int r = 0; r < R; ++r) {
+    float mt = PKV_NEG;
+    for (int j = 0; j < TPL; ++j) {
+      const bool valid = dense ? tile + j * 32 + lane < t_end : j < nv;
+      s[j][r] = valid ? s[j][r] * sl2 : PKV_NEG;
+      mt = pkv_fmax(mt, s[j][r]);
     }
-    mx = pkv_simd_max(mx);
-    const float m_old = st_sh[r];
-    const float m_new = pkv_fmax(m_old, mx);
-    const float corr = pkv_exp2(m_old - m_new);
+    mt = pkv_simd_max(mt);
+    const float m_new = pkv_fmax(m_run[r], mt);
+    const float corr = pkv_exp2(m_run[r] - m_new);
+    m_run[r] = m_new;
     float sum = 0.0f;
-    for (int i = lane; i < G; i += 32) {
-      const float s = p_sh[i * R + r];
-      const float p = s > 0.5f * PKV_NEG ? pkv_exp2(s - m_new) : 0.0f;
-      p_sh[i * R + r] = p;
+    for (int j = 0; j < TPL; ++j) {
+      const float p = s[j][r] > 0.5f * PKV_NEG ? pkv_exp2(s[j][r] - m_new) : 0.0f;
+      pw[(dense ? j * 32 + lane : lane * TPL + j) * R + r] = p;
       sum += p;
     }
-    sum = pkv_simd_sum(sum);
-    if (lane == 0) {
-      st_sh[r] = m_new;
-      st_sh[R + r] = st_sh[R + r] * corr + sum;
-      st_sh[2 * R + r] = corr;
+    l_run[r] = l_run[r] * corr + sum;
+    am[r] *= corr;
+    for (int c = 0; c < CPL; ++c) {
+      acc[c][r] *= corr;
     }
   }
-  PKV_BARRIER();
+  PKV_SIMD_BARRIER();
 
-  // ---- D: rescale what was accumulated under the old max
-  bool moved = false;
-  for (int r = 0; r < R; ++r) {
-    const float corr = st_sh[2 * R + r];
-    moved = moved || corr != 1.0f;
-    for (int j = 0; j < CPT; ++j) {
-      acc[j][r] *= corr;
-    }
-  }
-  if (HIST && !dense && moved) {  // uniform: every thread reads the same corrections
-    for (int i = tid; i < R * MVC; i += NT) {
-      const int r = i / MVC;
-      hist_sh[r * MB + i % MVC] *= st_sh[2 * R + r];
-    }
-    PKV_BARRIER();
-  }
-
-  // ---- E: V pattern-bin histogram
-  if (HIST && !dense && tid < G) {
-    const int vi = vid_sh[tid];
-    if (vi != PKV_NO_PATTERN) {
-      for (int r = 0; r < R; ++r) {
-        pkv_atomic_add_tg(&hist_sh[r * MB + vi], p_sh[tid * R + r]);
-      }
-    }
-  }
-
-  // ---- F: values (tokens past the end have p = 0 and in-bounds codes)
-  PKV_UNROLL for (int i = 0; i < TPF; ++i) {
-    const int tt = tlane + i * TL;
-    const int t = t0 + tt;
-    float v[CPT];
-    if (!dense) {
-      const float vs = vs_sh[tt * NGV + c0 / GV];
-      const float vm = vm_sh[tt * NGV + c0 / GV];
-      for (int j = 0; j < CPT; ++j) {
-        v[j] = pkv_code_float((pf_v[i] >> uint(j * VB)) & VMASK) * vs + vm;
-      }
-      if (VPAT && !VHIST) {
-        const int vi = vid_sh[tt];
-        if (vi != PKV_NO_PATTERN) {
-          for (int j = 0; j < CPT; ++j) {
-            v[j] += static_cast<float>(v_bank[(bh * MVC + vi) * D + c0 + j]);
+  // ---- values
+  const int t_stop = pkv_imin(TILE, t_end - tile);  // tokens of this tile (> 0)
+  if (!dense) {
+    const int vg = c0 / GV;
+    for (int tt0 = 0; tt0 < t_stop; tt0 += 2 * TPS) {
+      PKV_UNROLL for (int u = 0; u < 2; ++u) {
+        const int tt = tt0 + u * TPS + tsub;
+        if (tt < t_stop) {
+          const int t = tile + tt;
+          const PKV_DEVICE uint* vc = v_codes + (bh * TCAP + t) * WV;
+          const uint lo = pkv_bits(vc, uint(c0 * VB), uint(CPL * VB > 32 ? 32 : CPL * VB));
+          const uint hi = CPL * VB > 32 ? pkv_bits(vc, uint(c0 * VB + 32), uint(CPL * VB - 32)) : 0u;
+          const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + vg]) * VSCALE;
+          const float vm = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + vg]);
+          const int vid = VPAT ? int(v_idx[bh * TCAP + t]) : PKV_NO_PATTERN;
+          float pr[R];
+          float pv[R];
+          for (int r = 0; r < R; ++r) {
+            pr[r] = pw[tt * R + r];
+            pv[r] = pr[r] * vs;
+            am[r] += pr[r] * vm - pv[r];
+          }
+          PKV_UNROLL for (int c = 0; c < CPL; ++c) {
+            const float f = pkv_unit(c * VB < 32 ? lo : hi, (c * VB) % 32, VB);
+            for (int r = 0; r < R; ++r) {
+              acc[c][r] += pv[r] * f;
+            }
+          }
+          if (VPAT && vid != PKV_NO_PATTERN) {
+            const PKV_DEVICE T* row = v_bank + (bh * MVC + vid) * D + c0;
+            PKV_UNROLL for (int c = 0; c < CPL; ++c) {
+              const float x = static_cast<float>(row[c]);
+              for (int r = 0; r < R; ++r) {
+                acc[c][r] += pr[r] * x;
+              }
+            }
           }
         }
       }
-    } else if (t < nw) {
-      for (int j = 0; j < CPT; ++j) {
-        v[j] = static_cast<float>(v_win[(bh * W + t) * D + c0 + j]);
-      }
-    } else if (t < t_end) {
-      for (int j = 0; j < CPT; ++j) {
-        v[j] = static_cast<float>(v_new[(bh * LN + t - nw) * D + c0 + j]);
-      }
-    } else {
-      for (int j = 0; j < CPT; ++j) {
-        v[j] = 0.0f;
-      }
     }
-    for (int r = 0; r < R; ++r) {
-      const float pr = p_sh[tt * R + r];
-      for (int j = 0; j < CPT; ++j) {
-        acc[j][r] += pr * v[j];
+  } else {
+    for (int tt = tsub; tt < t_stop; tt += TPS) {
+      const int t = tile + tt;
+      const bool win = t < nw;
+      for (int c = 0; c < CPL; ++c) {
+        const float x = win ? static_cast<float>(v_win[(bh * W + t) * D + c0 + c])
+                            : static_cast<float>(v_new[(bh * LN + t - nw) * D + c0 + c]);
+        for (int r = 0; r < R; ++r) {
+          acc[c][r] += pw[tt * R + r] * x;
+        }
       }
     }
   }
-  PKV_PREFETCH_V(t0 + G)
-  PKV_BARRIER();
+  PKV_SIMD_BARRIER();
 }
-#undef PKV_PREFETCH_K
-#undef PKV_PREFETCH_V
 
-// ---- epilogue: sum the token lanes of F, write this split's partial state
-for (int L = 0; L < TL; ++L) {
-  if (tlane == L) {
+// ---- combine: the lanes of a channel slice, then the SIMD groups
+for (int r = 0; r < R; ++r) {
+  for (int off = LPT; off < 32; off <<= 1) {
+    am[r] += pkv_shfl_xor(am[r], ushort(off));
+    for (int c = 0; c < CPL; ++c) {
+      acc[c][r] += pkv_shfl_xor(acc[c][r], ushort(off));
+    }
+  }
+  l_run[r] = pkv_simd_sum(l_run[r]);
+}
+if (lane == 0) {
+  for (int r = 0; r < R; ++r) {
+    st_sh[warp * 2 * R + r] = m_run[r];
+    st_sh[warp * 2 * R + R + r] = l_run[r];
+  }
+}
+PKV_BARRIER();
+float m_all[R];
+float l_all[R];
+for (int r = 0; r < R; ++r) {
+  m_all[r] = PKV_NEG;
+  for (int w2 = 0; w2 < NWARP; ++w2) {
+    m_all[r] = pkv_fmax(m_all[r], st_sh[w2 * 2 * R + r]);
+  }
+  l_all[r] = 0.0f;
+  for (int w2 = 0; w2 < NWARP; ++w2) {
+    l_all[r] += st_sh[w2 * 2 * R + R + r] * pkv_exp2(st_sh[w2 * 2 * R + r] - m_all[r]);
+  }
+}
+for (int w2 = 0; w2 < NWARP; ++w2) {  // o into p_sh as [r][d], one SIMD group after another
+  if (warp == w2 && lane < LPT) {
     for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < CPT; ++j) {
-        const int i = r * D + c0 + j;
-        qs_sh[i] = L == 0 ? acc[j][r] : qs_sh[i] + acc[j][r];
+      const float f = pkv_exp2(m_run[r] - m_all[r]);
+      for (int c = 0; c < CPL; ++c) {
+        const float v = (acc[c][r] + am[r]) * f;
+        p_sh[r * D + c0 + c] = w2 == 0 ? v : p_sh[r * D + c0 + c] + v;
       }
     }
   }
   PKV_BARRIER();
 }
 const int ps = bh * NS + split;
-const bool empty = t_begin >= t_end;
-if (!empty) {
-  for (int i = tid; i < R * D; i += NT) {
-    o_part[ps * R * D + i] = qs_sh[i];
-  }
+for (int i = tid; i < R * D; i += NT) {
+  o_part[ps * R * D + i] = p_sh[i];
 }
 if (tid < R) {
-  ml_part[(ps * R + tid) * 2] = st_sh[tid];
-  ml_part[(ps * R + tid) * 2 + 1] = st_sh[R + tid];
-}
-if (HIST && !dense && !empty) {
-  for (int i = tid; i < R * MVC; i += NT) {
-    h_part[(bh * NSQ + split) * R * MVC + i] = hist_sh[(i / MVC) * MB + i % MVC];
-  }
+  ml_part[(ps * R + tid) * 2] = m_all[tid];
+  ml_part[(ps * R + tid) * 2 + 1] = l_all[tid];
 }

@@ -11,6 +11,7 @@
 #define PKV_UNROLL _Pragma("unroll")
 #define PKV_BARRIER() __syncthreads()
 #define PKV_BARRIER_DEVICE() __syncthreads()
+#define PKV_SIMD_BARRIER() __syncwarp()
 
 #define thread_position_in_threadgroup threadIdx
 #define threadgroup_position_in_grid blockIdx
