@@ -158,8 +158,7 @@ def decode_attention(
     k_win, v_win: [B, H, W, D] FP16 window (or None). n_quant, n_win: int, or B ints for sequences
     of different lengths (host values: an mx.array is read back). k_new, v_new: [B, H, L, D] the
     step's new tokens, attended exactly after the window. scale: softmax scale.
-    split_tokens: quantized tokens per split (rounded up to whole tiles of all SIMD groups); None
-    picks one.
+    split_tokens: quantized tokens per split (rounded up to whole tiles); None picks one.
 
     Returns [B, Hq, 1, D] in q's dtype: softmax(q K^T * scale) V over the n_quant quantized tokens,
     the n_win window rows and the L new tokens (fp32 softmax). Raises RuntimeError without a GPU
@@ -181,12 +180,15 @@ def split_geometry(d: int, r: int, k_bits: int):
     return nwarp, tile
 
 
-def _split_size(nq_max: int, bh: int, chunk: int, split_tokens) -> int:
-    """Quantized tokens per split: a multiple of `chunk` (one tile for every SIMD group)."""
+def _split_size(nq_max: int, bh: int, nwarp: int, tile: int, split_tokens) -> int:
+    """Quantized tokens per split, a whole number of tiles. Default: about TARGET_GROUPS splits in
+    all; a split of at least `nwarp` tiles gets a multiple of `nwarp` (every SIMD group busy), a
+    shorter one leaves SIMD groups idle but spreads a short context over more GPU cores."""
     if split_tokens is None:
-        split_tokens = -(-nq_max * bh // TARGET_GROUPS)
-    st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), chunk)
-    return -(-st // chunk) * chunk
+        n = max(1, -(-(-(-nq_max // tile)) * bh // TARGET_GROUPS))
+        split_tokens = (n if n < nwarp else -(-n // nwarp) * nwarp) * tile
+    st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), tile)
+    return -(-st // tile) * tile
 
 
 def _decode_attention(
@@ -231,7 +233,7 @@ def _decode_attention(
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
     nwarp, tile = split_geometry(d, r, k_bits)
-    st = _split_size(nq_max, b * h, nwarp * tile, split_tokens) if nq_max else nwarp * tile
+    st = _split_size(nq_max, b * h, nwarp, tile, split_tokens) if nq_max else tile
     nsq = -(-nq_max // st)
     ns = nsq + 1
     mkc = k_bank.shape[2] if kpat else 0
