@@ -16,7 +16,7 @@ import json
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
-from . import patterns
+from . import kernels, patterns
 from .config import NO_PATTERN, PatternKVConfig
 from .quantize import quantize
 
@@ -331,48 +331,118 @@ class PatternKVCache(_BaseCache):
         self.n_win = rest
 
     def _flush(self, fk, fv, n: int):
-        """Quantize the first n tokens of fk, fv [B, H, T, D] (fp32), n a multiple of the window."""
+        """Quantize the first n tokens of fk, fv [B, H, T, D] (fp32), n a multiple of the window.
+
+        K and V apart: on a GPU back-end (kernels.backend()) each goes through one fused
+        `kernels.flush` launch when it can (a later flush, or patterns off, and a shape the kernel
+        supports); the first flush of a part with patterns (k-means mining) and every other case
+        take the MLX-ops path. Both give bit-identical storage."""
         cfg = self.config
         b, h, t, d = fk.shape
         dv = fv.shape[-1]
         rows = b * h
         first = self.n_quant == 0
         self._reserve(n, b, h, d, dv)
-        xk = fk[:, :, :n].reshape(rows, n, d)
-        xv = fv[:, :, :n].reshape(rows, n, dv)
-        k_idx = v_idx = None
         mined_k = mined_v = None
         if first:
             mined_k, mined_v = patterns.mine(fk.reshape(rows, t, d), fv.reshape(rows, t, dv), cfg)
             self.first_flush = n
-        if cfg.k_patterns:
-            k_idx, self.n_kpat = self._assign("k_bank", xk, self.n_kpat, mined_k)
-            self.k_mined = self.k_mined or self.n_kpat
-        if cfg.v_patterns:
-            v_idx, self.n_vpat = self._assign("v_bank", xv, self.n_vpat, mined_v)
-            self.v_mined = self.v_mined or self.n_vpat
-        k_bank = None if k_idx is None else self.k_bank[:, :, : self.n_kpat].reshape(rows, -1, d)
-        v_bank = None if v_idx is None else self.v_bank[:, :, : self.n_vpat].reshape(rows, -1, dv)
-        rk, k_idx = patterns.residuals(xk, k_bank, k_idx)
-        rv, v_idx = patterns.residuals(xv, v_bank, v_idx, cfg.v_gate_z if cfg.v_gate else None)
+        be = kernels.backend()
+        if be is not None and self._fusable("k", d, first):
+            self._flush_kernel("k", fk, n)
+        else:
+            self._flush_portable("k", fk[:, :, :n], mined_k)
+        if be is not None and self._fusable("v", dv, first):
+            self._flush_kernel("v", fv, n)
+        else:
+            self._flush_portable("v", fv[:, :, :n], mined_v)
+        self.n_quant += n
 
+    def _fusable(self, part, d, first) -> bool:
+        """Whether the flush of `part` ("k" / "v") can go through `kernels.flush`: patterns off (no
+        mining, the bank stays None), or a later flush on a non-empty bank; and a supported shape."""
+        cfg = self.config
+        n_pat = self.n_kpat if part == "k" else self.n_vpat
+        on = cfg.k_patterns if part == "k" else cfg.v_patterns
+        bits = cfg.k_bits if part == "k" else cfg.v_bits
+        if on and (first or n_pat == 0):
+            return False
+        h = self.k_win.shape[1]
+        return kernels.supports(d, h, h, bits, bits, cfg.group_size)
+
+    def _flush_kernel(self, part, x, n):
+        """One `kernels.flush` launch for the first n tokens of x [B, H, T, D] (fp32): the bank grows
+        by the first k group centres (k up to the cap), indices, codes, scales and mins are stored."""
+        cfg = self.config
+        b, h, _, d = x.shape
+        g = cfg.group_size
         q0, q1 = self.n_quant, self.n_quant + n
-        g, gv = cfg.group_size, cfg.v_group_size(dv)
-        # K: per channel, groups of g tokens, stored [D, T]
-        codes, scales, mins = quantize(rk.reshape(b, h, n, d).swapaxes(-1, -2), cfg.k_bits, g, cfg.mx_dtype)
-        self.k_codes[..., q0 * cfg.k_bits // 32 : q1 * cfg.k_bits // 32] = codes
-        self.k_scales[..., q0 // g : q1 // g] = scales
-        self.k_mins[..., q0 // g : q1 // g] = mins
-        # V: per token, groups of gv channels, stored [T, D]
-        codes, scales, mins = quantize(rv.reshape(b, h, n, dv), cfg.v_bits, gv, cfg.mx_dtype)
-        self.v_codes[:, :, q0:q1] = codes
-        self.v_scales[:, :, q0:q1] = scales
-        self.v_mins[:, :, q0:q1] = mins
-        if k_idx is not None:
-            self.k_idx[:, :, q0:q1] = k_idx.reshape(b, h, n)
-        if v_idx is not None:
-            self.v_idx[:, :, q0:q1] = v_idx.reshape(b, h, n)
-        self.n_quant = q1
+        on = cfg.k_patterns if part == "k" else cfg.v_patterns
+        bank = getattr(self, part + "_bank") if on else None
+        n_pat = self.n_kpat if part == "k" else self.n_vpat
+        values = part == "v"
+        bits = cfg.v_bits if values else cfg.k_bits
+        idx, codes, scales, mins, centers = kernels.flush(
+            x, bank, n_pat, n, bits=bits, group_size=g, values=values,
+            v_group_size=cfg.v_group_size(d) if values else None, max_patterns=cfg.max_patterns,
+            gate_z=cfg.v_gate_z if values and cfg.v_gate else None, dtype=cfg.mx_dtype,
+        )  # fmt: skip
+        if bank is not None:
+            k = min(n // g, max(0, cfg.max_patterns - n_pat))
+            if k:
+                self._reserve_bank(part + "_bank", n_pat + k, b, h, d)
+                getattr(self, part + "_bank")[:, :, n_pat : n_pat + k] = centers[:, :, :k]
+            if values:
+                self.n_vpat = n_pat + k
+            else:
+                self.n_kpat = n_pat + k
+            getattr(self, part + "_idx")[:, :, q0:q1] = idx
+        if values:
+            self.v_codes[:, :, q0:q1] = codes
+            self.v_scales[:, :, q0:q1] = scales
+            self.v_mins[:, :, q0:q1] = mins
+        else:
+            self.k_codes[..., q0 * bits // 32 : q1 * bits // 32] = codes
+            self.k_scales[..., q0 // g : q1 // g] = scales
+            self.k_mins[..., q0 // g : q1 // g] = mins
+
+    def _flush_portable(self, part, x, mined):
+        """The MLX-ops flush of x [B, H, n, D] (fp32, the tokens to quantize) for `part` ("k" / "v").
+        `mined`: the k-means bank at the first flush (None later, or with patterns off)."""
+        cfg = self.config
+        b, h, n, d = x.shape
+        rows = b * h
+        g = cfg.group_size
+        q0, q1 = self.n_quant, self.n_quant + n
+        values = part == "v"
+        xr = x.reshape(rows, n, d)
+        idx = bank = None
+        if cfg.v_patterns if values else cfg.k_patterns:
+            n_pat = self.n_vpat if values else self.n_kpat
+            idx, n_pat = self._assign(part + "_bank", xr, n_pat, mined)
+            if values:
+                self.n_vpat = n_pat
+                self.v_mined = self.v_mined or n_pat
+            else:
+                self.n_kpat = n_pat
+                self.k_mined = self.k_mined or n_pat
+            bank = getattr(self, part + "_bank")[:, :, :n_pat].reshape(rows, -1, d)
+        if values:
+            r, idx = patterns.residuals(xr, bank, idx, cfg.v_gate_z if cfg.v_gate else None)
+            # V: per token, groups of gv channels, stored [T, D]
+            codes, scales, mins = quantize(r.reshape(b, h, n, d), cfg.v_bits, cfg.v_group_size(d), cfg.mx_dtype)
+            self.v_codes[:, :, q0:q1] = codes
+            self.v_scales[:, :, q0:q1] = scales
+            self.v_mins[:, :, q0:q1] = mins
+        else:
+            r, idx = patterns.residuals(xr, bank, idx)
+            # K: per channel, groups of g tokens, stored [D, T]
+            codes, scales, mins = quantize(r.reshape(b, h, n, d).swapaxes(-1, -2), cfg.k_bits, g, cfg.mx_dtype)
+            self.k_codes[..., q0 * cfg.k_bits // 32 : q1 * cfg.k_bits // 32] = codes
+            self.k_scales[..., q0 // g : q1 // g] = scales
+            self.k_mins[..., q0 // g : q1 // g] = mins
+        if idx is not None:
+            getattr(self, part + "_idx")[:, :, q0:q1] = idx.reshape(b, h, n)
 
     def _assign(self, name, x, n_pat, mined):
         """Pattern indices for x [N, n, D]. At the first flush `mined` is the k-means bank [N, k', D]:

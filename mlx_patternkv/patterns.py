@@ -128,8 +128,11 @@ def v_gate(v: mx.array, c: mx.array, z: float) -> mx.array:
     r = v - c.astype(mx.float32)
     rv = v.max(-1) - v.min(-1)
     rho = (r.max(-1) - r.min(-1)) / mx.where(rv > 0, rv, 1)
-    thresh = 2 * z / math.sqrt(5 * v.shape[-1]) * mx.sqrt(1 + rho**4)
-    return (rv > 0) & (1 - rho**2 >= thresh)
+    # rho^2 and rho^4 as products, not mx.power (which is not always the rounded product on the CPU):
+    # the same float32 operations as the fused flush kernel, so both decide every token alike
+    rho2 = rho * rho
+    thresh = 2 * z / math.sqrt(5 * v.shape[-1]) * mx.sqrt(1 + rho2 * rho2)
+    return (rv > 0) & (1 - rho2 >= thresh)
 
 
 def gather_patterns(bank: mx.array, idx: mx.array) -> mx.array:
