@@ -93,10 +93,17 @@ def main():
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--greedy-prompt", type=int, default=1000)
     p.add_argument("--greedy-tokens", type=int, default=200)
+    p.add_argument("--skip-greedy", action="store_true", help="only the speed part")
+    p.add_argument("--skip-speed", action="store_true", help="only the greedy comparison")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="model weights (default: float16 on a GPU, float32 on the CPU)")
     a = p.parse_args()
     model, tokenizer = load(a.model)
+    dtype = a.dtype or ("float16" if mx.default_device().type == mx.DeviceType.gpu else "float32")
+    model.set_dtype(getattr(mx, dtype))
     has_kernels = kernels.backend() is not None
-    res = dict(machine=machine(), command=" ".join(["python", *sys.argv]), kernels=kernels.backend(), greedy=[], speed=[])
+    res = dict(machine=machine(), command=" ".join(["python", *sys.argv]), kernels=kernels.backend(), dtype=dtype,
+               greedy=[], speed=[])
     os.makedirs(OUT, exist_ok=True)
 
     def save():
@@ -104,7 +111,7 @@ def main():
             json.dump(res, fh, indent=1)
 
     tokens = wikitext_windows(tokenizer, max(a.context, a.greedy_prompt) + 1, 1)[0]
-    if has_kernels:
+    if has_kernels and not a.skip_greedy:
         for bits in (2, 4):
             res["greedy"].append(greedy_check(model, tokens[: a.greedy_prompt], a.greedy_tokens, bits))
             print(json.dumps(res["greedy"][-1]), flush=True)
@@ -116,7 +123,7 @@ def main():
         if has_kernels:
             runs.append((f"pkv{bits} kernel", lambda cfg=cfg: make_prompt_cache(model, cfg), False))
         runs.append((f"pkv{bits} portable", lambda cfg=cfg: make_prompt_cache(model, cfg), True))
-    for label, make, flag in runs:
+    for label, make, flag in [] if a.skip_speed else runs:
         portable(flag)
         try:
             res["speed"].append(speed(model, ctx, a.steps, make, label))
