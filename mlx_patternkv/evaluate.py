@@ -25,8 +25,15 @@ Parts (each measured for every method, FP16 first):
     run_eval(model=None, methods=None, preset="quick", out_dir="results") -> results dict
     main(argv)        # command line: `pkv-mlx eval`, `python -m mlx_patternkv.evaluate`, benchmarks/quality.py
 
-Writes `quality.json` (every raw figure, rewritten after each step, so an interrupted run leaves
-its results), `quality.md` and PNG plots into out_dir. Text comes from `data_dir()`.
+Writes `quality.json` (every raw figure, rewritten atomically after each unit of work, so an interrupted
+run leaves its results), `quality.md` and PNG plots into out_dir. Text comes from `data_dir()`.
+
+Long runs in pieces (e.g. calls of a remote machine with a time limit):
+    --deadline-s S    start no unit of work that would end after S seconds, then write the report
+    --resume JSON     go on from an interrupted run's quality.json (same settings), skipping its units
+    --report A.json B.json --out DIR    merge pieces (other methods / parts / cells) into one report
+A unit that raises (e.g. mlx-lm's `quantized_matmul` on shapes MLX's CUDA backend lacks) is recorded in
+results["errors"] and in the report; the other units go on. `--dtype float16` runs the model in float16.
 """
 
 import argparse
@@ -39,6 +46,7 @@ import re
 import shlex
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -51,6 +59,7 @@ from .config import PatternKVConfig
 from .integrate import _model_caches, make_prompt_cache, patch_attention
 
 CHUNK = 2048  # mlx-lm's prefill step
+_T0 = time.monotonic()  # when the harness was imported: `--deadline-s` counts from here
 
 
 # ----------------------------------------------------------------------------- methods
@@ -79,6 +88,9 @@ METHODS = {
     # diagnostics (not in the presets): patterns on one side only
     "pkv2-k": lambda model: patternkv(model, PatternKVConfig(k_bits=2, v_bits=2, v_patterns=0)),
     "pkv2-v": lambda model: patternkv(model, PatternKVConfig(k_bits=2, v_bits=2, k_patterns=0)),
+    # diagnostics: 2 bits on one side only
+    "pkv-k2v4": lambda model: patternkv(model, PatternKVConfig(k_bits=2, v_bits=4)),
+    "pkv-k4v2": lambda model: patternkv(model, PatternKVConfig(k_bits=4, v_bits=2)),
 }
 
 PRESETS = {
@@ -200,16 +212,18 @@ def kv_elements_per_token(cache) -> int:
     return sum(c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3] for c in cache)
 
 
-def ppl_pass(model, make_cache, tokens, contexts, scored, decode, chunk, refs=None):
+def ppl_pass(model, make_cache, tokens, contexts, scored, decode, chunk, refs=None, rows=None):
     """One method on one token window (len >= max(contexts) + 1). For each context C (ascending):
     prefill up to C - scored tokens, score tokens C - scored .. C - 1 on a copy of the cache (the last
     context on the cache itself). refs: {C: FP16 logprobs} or None (this is the FP16 pass: its own
-    logprobs are the reference and are returned in the rows under "logprobs")."""
+    logprobs are the reference and are returned in the rows under "logprobs"). rows: a dict to fill
+    (context -> row) as each context finishes, so a caller keeps the finished ones if the pass raises."""
+    rows = {} if rows is None else rows
     cache = make_cache(model)
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    rows, pos = {}, 0
+    pos = 0
     contexts = sorted(contexts)
     for c in contexts:
         t0 = time.perf_counter()
@@ -220,14 +234,15 @@ def ppl_pass(model, make_cache, tokens, contexts, scored, decode, chunk, refs=No
         lp = score(model, scratch, tokens[h:c], decode, chunk)
         ref = lp if refs is None else refs[c]
         nll, kl, agree = token_metrics(lp, tokens[h + 1 : c + 1], ref)
-        rows[c] = dict(
+        row = dict(
             history=h, scored=scored, decode=min(decode, scored), chunk=chunk, nll=nll, kl=kl, agree=agree,
             **cache_bytes(scratch), peak_bytes=mx.get_peak_memory(), base_bytes=base,
             seconds=time.perf_counter() - t0,
         )  # fmt: skip
         if refs is None:
-            rows[c]["logprobs"] = lp
-            rows[c]["kv_elements_per_token"] = kv_elements_per_token(scratch)
+            row["logprobs"] = lp
+            row["kv_elements_per_token"] = kv_elements_per_token(scratch)
+        rows[c] = row
         del scratch, lp
     return rows
 
@@ -298,12 +313,71 @@ def gsm8k_problem(model, tokenizer, make_cache, problem, max_tokens):
 # ----------------------------------------------------------------------------- the run
 
 
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Settings that change what a part's figures mean: a resumed run, and the pieces of a merge, must agree
+# on them (the lists -- methods, contexts, needle cells, GSM8K problems -- may differ between pieces).
+PART_KEYS = {
+    "ppl": ("scored", "decode", "chunk", "segments", "dtype"),
+    "needle": ("needle_max_tokens", "dtype"),
+    "gsm8k": ("gsm8k_max_tokens", "dtype"),
+}
+PARTS = tuple(PART_KEYS)
+
+
+def model_dtype(model) -> str:
+    """The dtype of the model's floating-point parameters, e.g. "float16" (the first one found)."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return str(v.dtype).rsplit(".", 1)[-1]
+    return "unknown"
+
+
+def _error(part, method, where: dict, exc) -> dict:
+    """What one failed unit of work leaves in results["errors"]."""
+    return dict(part=part, method=method, **where, error=f"{type(exc).__name__}: {exc}"[:4000],
+                traceback=traceback.format_exc()[-4000:])  # fmt: skip
+
+
+def _window(r, i):
+    return r.get("window", i)  # files written before the field existed list windows in order
+
+
+def _unit_keys(results) -> set:
+    """The units of work that have results: ("ppl", method, context, window), ("needle", method, context,
+    depth), ("gsm8k", method, index)."""
+    keys = set()
+    for name, per in results["ppl"].items():
+        for c, runs in per.items():
+            keys |= {("ppl", name, int(c), _window(r, i)) for i, r in enumerate(runs)}
+    for name, cells in results["needle"].items():
+        keys |= {("needle", name, r["context"], r["depth"]) for r in cells}
+    for name, rs in results["gsm8k"].items():
+        keys |= {("gsm8k", name, r.get("index", i)) for i, r in enumerate(rs)}
+    return keys
+
+
+def _error_key(e) -> tuple:
+    """The unit an error entry belongs to (ppl errors: the whole pass over one window)."""
+    where = {"ppl": ("window",), "needle": ("context", "depth"), "gsm8k": ("index",)}[e["part"]]
+    return (e["part"], e["method"], *(e.get(k) for k in where))
+
+
 def run_eval(model=None, methods=None, preset="quick", out_dir="results", progress=True, command=None,
-             **overrides) -> dict:
+             dtype=None, deadline=None, resume=None, plots=True, **overrides) -> dict:
     """Measure `methods` (names in METHODS; default: the preset's) with `preset` ("quick" or "full";
     overrides: any preset key, e.g. contexts=[1024], gsm8k=0, needle_contexts=[]) on `model` (None:
     SmolLM2-135M-Instruct; a path, .gguf file or Hugging Face repo id). Writes quality.json /
-    quality.md / *.png into out_dir; returns the results dict. command: recorded in the report."""
+    quality.md / *.png into out_dir; returns the results dict. command: recorded in the report.
+
+    dtype: "float32" / "float16" / "bfloat16" casts the model's weights after loading (None: as stored;
+    the default model is converted to float32). The dtype used is recorded in settings["dtype"].
+    A unit of work (one method on one text window, needle cell or GSM8K problem) that raises is recorded
+    in results["errors"] and the run goes on. deadline: a `time.monotonic()` value; no unit is started
+    that would likely end after it (judged by the last unit of the same kind), and the report is written
+    with results["incomplete"] saying what is left. resume: results of an earlier run (a dict or the
+    path of its quality.json) with the same model and settings: its units (also failed ones) are kept
+    and not run again."""
     from .integrate import load
 
     settings = dict(PRESETS[preset])
@@ -315,14 +389,29 @@ def run_eval(model=None, methods=None, preset="quick", out_dir="results", progre
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; known: {', '.join(METHODS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     methods = ["fp16"] + [m for m in methods if m != "fp16"]  # FP16 is the reference, measured first
     settings["methods"] = methods
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(resume, (str, Path)):
+        resume = json.loads(Path(resume).read_text())
 
     t_start = time.perf_counter()
     m, tokenizer = load(model)
+    if dtype is not None:
+        m.set_dtype(DTYPES[dtype])
+    settings["dtype"] = model_dtype(m)
     s = settings
+    label = model or "SmolLM2-135M-Instruct (default)"
+    if resume is not None:
+        differ = {k: (resume["settings"].get(k), v) for k, v in s.items() if resume["settings"].get(k) != v}
+        if resume.get("model") != label:
+            differ["model"] = (resume.get("model"), label)
+        if differ:
+            raise ValueError("cannot resume a run with other settings (earlier, now): "
+                             + ", ".join(f"{k} {a!r}, {b!r}" for k, (a, b) in differ.items()))
     contexts = sorted(s["contexts"])
     windows = wikitext_windows(tokenizer, contexts[-1] + 1, s["segments"]) if contexts else []
     cells = [(c, d) for c in sorted(s["needle_contexts"]) for d in s["needle_depths"]]
@@ -334,56 +423,165 @@ def run_eval(model=None, methods=None, preset="quick", out_dir="results", progre
         haystack = tokenizer.encode(essays()[: 8 * max(c for c, _ in cells)], add_special_tokens=False)
 
     results = dict(
-        model=model or "SmolLM2-135M-Instruct (default)", preset=preset, settings=settings,
+        model=label, preset=preset, settings=settings,
         machine=machine(), started=datetime.now().isoformat(timespec="seconds"),
         command=command or f"run_eval({model!r}, {methods!r}, {preset!r}, {str(out_dir)!r}, **{overrides!r})", ppl={}, needle={}, gsm8k={}, elapsed_s=0.0,
+        errors=[],
     )  # fmt: skip
+    elapsed_before = 0.0
+    if resume is not None:
+        for part in PARTS:
+            results[part] = copy.deepcopy(resume[part])
+        results["errors"] = copy.deepcopy(resume.get("errors", []))
+        crashed = resume.get("running")  # the unit the earlier process was in when it ended
+        if crashed:
+            results["errors"].append(dict(crashed, error="the process ended during this unit of work (a crash, or "
+                                          "killed at a time limit); not retried on resume"))  # fmt: skip
+        results["notes"] = list(resume.get("notes", []))
+        results["started"] = resume.get("started", results["started"])
+        results["resumed"] = resume.get("resumed", []) + [
+            dict(started=datetime.now().isoformat(timespec="seconds"), command=results["command"])]
+        elapsed_before = resume.get("elapsed_s", 0.0)
     path = out_dir / "quality.json"
 
     def save():
-        results["elapsed_s"] = time.perf_counter() - t_start
-        path.write_text(json.dumps(results, indent=1))
+        results["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)  # a run killed while writing still leaves the last whole file
 
-    total = len(methods) * (len(windows) + len(cells) + len(problems))
-    bar = _progress(total, progress)
+    done = _unit_keys(results)
+    failed = {_error_key(e) for e in results["errors"]}
 
-    # perplexity / KL / agreement: one pass per (method, window)
-    refs = [None] * len(windows)
-    for name in methods:
-        results["ppl"][name] = {}
-        for w, tokens in enumerate(windows):
-            bar.set_description(f"ppl {name} window {w + 1}/{len(windows)}")
-            rows = ppl_pass(m, METHODS[name], tokens, contexts, s["scored"], s["decode"], s["chunk"], refs[w])
-            if name == "fp16":
+    def is_done(part, name, key):
+        if part == "ppl":  # one pass over window `key` feeds every context
+            return (part, name, key) in failed or all(("ppl", name, c, key) in done for c in contexts)
+        return (part, name, *key) in done or (part, name, *key) in failed
+
+    units = [("ppl", name, w) for name in methods for w in range(len(windows))]
+    units += [("needle", name, cell) for cell in cells for name in methods]  # cell by cell: all methods
+    units += [("gsm8k", name, (i,)) for i in range(len(problems)) for name in methods]
+    todo = [u for u in units if not is_done(*u)]
+    bar = _progress(len(todo), progress)
+    refs = [None] * len(windows)  # FP16 log-probabilities per window and context, the reference of KL
+
+    def fp16_refs(w):
+        """FP16 log-probabilities of window w per context (a resumed run recomputes them)."""
+        if refs[w] is None:
+            rows = {}
+            try:
+                ppl_pass(m, METHODS["fp16"], windows[w], contexts, s["scored"], s["decode"], s["chunk"], rows=rows)
+            finally:  # also on failure: the contexts finished before it are kept, and are the reference
                 refs[w] = {c: r.pop("logprobs") for c, r in rows.items()}
+                if not is_done("ppl", "fp16", w):
+                    for c, r in rows.items():
+                        results["ppl"].setdefault("fp16", {}).setdefault(str(c), []).append(dict(r, window=w))
+                else:  # resumed: the stored FP16 rows stay; say how closely this pass reproduced them
+                    old = {int(c): r for c, runs in results["ppl"].get("fp16", {}).items()
+                           for i, r in enumerate(runs) if _window(r, i) == w}
+                    diff = max((abs(a - b) for c, r in rows.items() if c in old
+                                for a, b in zip(r["nll"], old[c]["nll"])), default=0.0)
+                    results.setdefault("notes", []).append(
+                        f"fp16 pass over window {w} rerun as the reference of a resumed run: contexts "
+                        f"{sorted(rows)}, max |NLL difference| to the stored rows {diff:.3g}")
+        return refs[w]
+
+    def run_unit(part, name, key):
+        if part == "ppl":
+            w = key
+            if name == "fp16":
+                try:
+                    fp16_refs(w)
+                    mx.synchronize()
+                except Exception as e:
+                    c = next((c for c in contexts if c not in refs[w]), None)
+                    results["errors"].append(_error("ppl", name, dict(window=w, context=c), e))
+                return
+            try:
+                ref = fp16_refs(w)
+            except Exception as e:  # only when resuming: the fp16 unit itself was done earlier
+                ref = refs[w]
+                results.setdefault("notes", []).append(f"fp16 rerun over window {w} failed: {type(e).__name__}: {e}")
+            ctxs = [c for c in contexts if c in ref]
+            if not ctxs:
+                e = RuntimeError("no FP16 reference for this window (the fp16 pass failed)")
+                results["errors"].append(dict(part="ppl", method=name, window=w, context=contexts[0], error=str(e)))
+                return
+            rows = {}
+            try:
+                ppl_pass(m, METHODS[name], windows[w], ctxs, s["scored"], s["decode"], s["chunk"], ref, rows=rows)
+                mx.synchronize()  # an asynchronous GPU error belongs to this unit
+                if len(ctxs) < len(contexts):
+                    missing = [c for c in contexts if c not in ctxs]
+                    results["errors"].append(dict(part="ppl", method=name, window=w, context=missing[0],
+                                                  error=f"not measured at {missing}: no FP16 reference there"))
+            except Exception as e:
+                c = next((c for c in ctxs if c not in rows), None)
+                results["errors"].append(_error("ppl", name, dict(window=w, context=c), e))
             for c, r in rows.items():
-                results["ppl"][name].setdefault(str(c), []).append(r)
-            save()
-            bar.update(1)
-    del refs
-
-    # needle grid: cell by cell, every method on each cell (a partial run covers all methods)
-    for c, d in cells:
-        for name in methods:
-            bar.set_description(f"needle {name} {c} tokens depth {d}%")
-            r = needle_cell(m, tokenizer, METHODS[name], haystack, c, d, s["needle_max_tokens"])
+                results["ppl"].setdefault(name, {}).setdefault(str(c), []).append(dict(r, window=w))
+        elif part == "needle":
+            c, d = key
+            try:
+                r = needle_cell(m, tokenizer, METHODS[name], haystack, c, d, s["needle_max_tokens"])
+                mx.synchronize()
+            except Exception as e:
+                results["errors"].append(_error("needle", name, dict(context=c, depth=d), e))
+                return
             results["needle"].setdefault(name, []).append(r)
-            save()
-            bar.update(1)
-
-    # GSM8K: problem by problem, every method on each problem
-    for i, p in enumerate(problems):
-        for name in methods:
-            bar.set_description(f"gsm8k {name} problem {i + 1}/{len(problems)}")
-            r = gsm8k_problem(m, tokenizer, METHODS[name], p, s["gsm8k_max_tokens"])
+        else:
+            (i,) = key
+            try:
+                r = gsm8k_problem(m, tokenizer, METHODS[name], problems[i], s["gsm8k_max_tokens"])
+                mx.synchronize()
+            except Exception as e:
+                results["errors"].append(_error("gsm8k", name, dict(index=i), e))
+                return
             r["index"] = i
-            r["same_as_fp16"] = r["tokens"] == results["gsm8k"]["fp16"][i]["tokens"] if name != "fp16" else True
+            ref = next((f for f in results["gsm8k"].get("fp16", []) if f.get("index") == i), None)
+            r["same_as_fp16"] = True if name == "fp16" else None if ref is None else r["tokens"] == ref["tokens"]
             results["gsm8k"].setdefault(name, []).append(r)
-            save()
-            bar.update(1)
+
+    took = {}  # seconds of the last unit per (part, method) and per part: the time the next one needs
+    for name, per in results["ppl"].items():  # a resumed run starts from the stored times
+        took["ppl", name] = took["ppl"] = sum(runs[-1]["seconds"] for runs in per.values() if runs)
+    for part in ("needle", "gsm8k"):
+        for name, rows in results[part].items():
+            if rows:
+                took[part, name] = took[part] = rows[-1]["seconds"]
+    for k, (part, name, key) in enumerate(todo):
+        need = took.get((part, name), took.get(part, 0.0))
+        if deadline is not None and time.monotonic() + 1.2 * need > deadline:
+            results["incomplete"] = dict(reason="deadline", units_left=len(todo) - k, units_total=len(units),
+                                         next=f"{part} {name} {key}")  # fmt: skip
+            print(f"\nstopping before the deadline: {len(todo) - k} of {len(units)} units left "
+                  f"(run again with --resume {path} to go on)", file=sys.stderr, flush=True)
+            break
+        if part == "ppl":
+            where, at = f"window {key + 1}/{len(windows)}", dict(window=key)
+        elif part == "needle":
+            where, at = f"{key[0]} tokens depth {key[1]}%", dict(context=key[0], depth=key[1])
+        else:
+            where, at = f"problem {key[0] + 1}/{len(problems)}", dict(index=key[0])
+        bar.set_description(f"{part} {name} {where}")
+        n_errors = len(results["errors"])
+        results["running"] = dict(part=part, method=name, **at)  # a resumed run skips it if this process dies in it
+        save()
+        t0 = time.monotonic()
+        run_unit(part, name, key)
+        took[part, name] = took[part] = time.monotonic() - t0
+        results.pop("running")
+        if len(results["errors"]) > n_errors:
+            mx.clear_cache()
+            error = results["errors"][-1]["error"][:300]
+            print(f"\n{part} {name} {where} failed: {error}", file=sys.stderr, flush=True)
+        save()
+        bar.update(1)
+    else:
+        results.pop("incomplete", None)
     bar.close()
     save()
-    report(results, out_dir)
+    report(results, out_dir, plots=plots)
     return results
 
 
@@ -392,11 +590,12 @@ def _progress(total, enabled):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    if tqdm is not None:
+    if tqdm is not None and sys.stderr.isatty():
         return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
-    class Plain:  # fallback without tqdm: one line per step on stderr
+    class Plain:  # without tqdm or a terminal (a log file): one line per step on stderr
         n = 0
+        t0 = time.monotonic()
 
         def set_description(self, d):
             self.d = d
@@ -404,7 +603,7 @@ def _progress(total, enabled):
         def update(self, k):
             self.n += k
             if enabled:
-                print(f"[{self.n}/{total}] {self.d}", file=sys.stderr, flush=True)
+                print(f"[{self.n}/{total} {time.monotonic() - self.t0:.0f}s] {self.d}", file=sys.stderr, flush=True)
 
         def close(self):
             pass
@@ -426,6 +625,10 @@ def machine() -> dict:
         info["gpu"] = "cuda"
     elif mx.metal.is_available():
         info["gpu"] = "metal"
+    try:
+        info["device_name"] = mx.device_info().get("device_name")
+    except Exception:  # not in every MLX version / backend
+        pass
     return info
 
 
@@ -436,19 +639,28 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _by_window(runs) -> dict:
+    return {_window(r, i): r for i, r in enumerate(runs)}
+
+
 def ppl_table(results) -> list:
-    """One row per (context, method): ppl, its change over FP16, mean KL, top-1 agreement, bytes, peak."""
+    """One row per (context, method): ppl, its change over FP16, mean KL, top-1 agreement, bytes, peak.
+    The FP16 reference of a row is taken over the same text windows as the row's own runs."""
     rows = []
     fp = results["ppl"].get("fp16", {})
     ctxs = sorted({int(c) for per in results["ppl"].values() for c in per})
     for c in ctxs:
-        ref = fp.get(str(c))
-        elems = ref[0]["kv_elements_per_token"] if ref else None
-        ref_ppl = math.exp(_mean([x for r in ref for x in r["nll"]])) if ref else None
+        fp_runs = _by_window(fp.get(str(c), []))
+        elems = next(iter(fp_runs.values()))["kv_elements_per_token"] if fp_runs else None
         for name, per in results["ppl"].items():
-            runs = per.get(str(c))
+            runs = _by_window(per.get(str(c), []))
             if not runs:
                 continue
+            ws = sorted(runs)
+            runs = [runs[w] for w in ws]
+            ref = [fp_runs[w] for w in ws] if all(w in fp_runs for w in ws) else None
+            ref_nll = [x for r in ref for x in r["nll"]] if ref else None
+            ref_ppl = math.exp(_mean(ref_nll)) if ref else None
             nll = [x for r in runs for x in r["nll"]]
             kl = [x for r in runs for x in r["kl"]]
             agree = [x for r in runs for x in r["agree"]]
@@ -457,14 +669,18 @@ def ppl_table(results) -> list:
             kl_chk = [x for r, k in zip(runs, nd) for x in r["kl"][k:]]
             ppl = math.exp(_mean(nll))
             used = _mean([r["used_bytes"] for r in runs])
+            se = None  # standard error of the perplexity change, from the paired per-token NLL differences
+            if ref_nll and len(ref_nll) == len(nll) > 1:
+                d = [a - b for a, b in zip(nll, ref_nll)]
+                se = 100 * ppl / ref_ppl * math.sqrt(sum((x - _mean(d)) ** 2 for x in d) / (len(d) - 1) / len(d))
             row = dict(
-                context=c, method=name, ppl=ppl, d_ppl_pct=100 * (ppl / ref_ppl - 1) if ref_ppl else None,
+                context=c, method=name, ppl=ppl, d_ppl_pct=100 * (ppl / ref_ppl - 1) if ref_ppl else None, d_ppl_se=se,
                 kl=_mean(kl), kl_decode=_mean(kl_dec), kl_chunk=_mean(kl_chk), top1=_mean(agree),
                 bytes_per_token=used / c, bits_per_elem=8 * used / (c * elems) if elems else None,
                 nbytes_mb=_mean([r["nbytes"] for r in runs]) / 1e6,
                 peak_mb=max(r["peak_bytes"] for r in runs) / 1e6,
                 peak_over_base_mb=max(r["peak_bytes"] - r["base_bytes"] for r in runs) / 1e6,
-                tokens_scored=len(nll), seconds=sum(r["seconds"] for r in runs),
+                tokens_scored=len(nll), windows=len(ws), seconds=sum(r["seconds"] for r in runs),
             )  # fmt: skip
             rows.append(row)
     return rows
@@ -472,8 +688,11 @@ def ppl_table(results) -> list:
 
 def needle_table(results) -> list:
     rows = []
+    errors = [e for e in results.get("errors", []) if e["part"] == "needle"]
     for name, cells in results["needle"].items():
         row = {"method": name, "accuracy": _mean([r["found"] for r in cells]), "cells": len(cells)}
+        if errors:
+            row["errors"] = sum(e["method"] == name for e in errors)
         for c in sorted({r["context"] for r in cells}):
             row[f"{c // 1024}K" if c % 1024 == 0 else str(c)] = _mean([r["found"] for r in cells if r["context"] == c])
         rows.append(row)
@@ -481,15 +700,161 @@ def needle_table(results) -> list:
 
 
 def gsm8k_table(results) -> list:
-    return [
-        {"method": name, "accuracy": _mean([r["correct"] for r in rs]), "same_as_fp16": _mean([r["same_as_fp16"] for r in rs]),
-         "answer_as_fp16": _mean([r["pred"] == f["pred"] for r, f in zip(rs, results["gsm8k"]["fp16"])]),
-         "problems": len(rs), "mean_tokens": _mean([len(r["tokens"]) for r in rs])}
-        for name, rs in results["gsm8k"].items()
-    ]  # fmt: skip
+    """Accuracy per method; same_as_fp16 / answer_as_fp16 over the problems FP16 has too (by index)."""
+    fp = {r.get("index", i): r for i, r in enumerate(results["gsm8k"].get("fp16", []))}
+    rows = []
+    for name, rs in results["gsm8k"].items():
+        paired = [(r, fp[r.get("index", i)]) for i, r in enumerate(rs) if r.get("index", i) in fp]
+        rows.append({"method": name, "accuracy": _mean([r["correct"] for r in rs]),
+                     "same_as_fp16": _mean([r["tokens"] == f["tokens"] for r, f in paired]),
+                     "answer_as_fp16": _mean([r["pred"] == f["pred"] for r, f in paired]),
+                     "problems": len(rs), "mean_tokens": _mean([len(r["tokens"]) for r in rs])})  # fmt: skip
+    return rows
 
 
-PPL_COLS = ["context", "method", "ppl", "d_ppl_pct", "kl", "kl_decode", "kl_chunk", "top1", "bytes_per_token",
+def error_table(results) -> list:
+    """One row per failed unit of work: where, and the first line of the error."""
+    rows = []
+    for e in results.get("errors", []):
+        where = " ".join(f"{k} {e[k]}" for k in ("window", "context", "depth", "index") if e.get(k) is not None)
+        first = (e.get("error") or "").strip().splitlines()
+        rows.append({"part": e["part"], "method": e["method"], "at": where,
+                     "error": (first[0] if first else "")[:200].replace("|", "/")})
+    return rows
+
+
+def merge_results(items) -> dict:
+    """One results dict from the quality.json of several runs that are pieces of one measurement (other
+    methods, parts, contexts, needle cells or GSM8K problems, or a run and its resumption). items:
+    [(label, results)], label naming the file in the report. Needs the same model, device and MLX
+    version, and for each part (ppl, needle, gsm8k) the same measurement settings (PART_KEYS) among the
+    files that hold results of it; fp16 results where other methods have ppl or GSM8K results.
+    ValueError otherwise. A unit of work in several files is taken from the first one."""
+    items = list(items)
+    if not items:
+        raise ValueError("nothing to merge")
+    problems = []
+    for what, get in (("model", lambda r: r["model"]),
+                      ("device", lambda r: f"{r['machine']['device']} {r['machine'].get('gpu', '')}".strip()),
+                      ("mlx version", lambda r: r["machine"].get("mlx"))):  # fmt: skip
+        seen = {}
+        for label, r in items:
+            seen.setdefault(get(r), []).append(label)
+        if len(seen) > 1:
+            problems.append(f"{what} differs: " + "; ".join(f"{v!r} in {', '.join(ls)}" for v, ls in seen.items()))
+    for part, keys in PART_KEYS.items():
+        having = [(label, r) for label, r in items if r[part]]
+        for k in keys:
+            seen = {}
+            for label, r in having:
+                seen.setdefault(json.dumps(r["settings"].get(k)), []).append(label)
+            if len(seen) > 1:
+                problems.append(f"{part} setting {k!r} differs: "
+                                + "; ".join(f"{v} in {', '.join(ls)}" for v, ls in seen.items()))
+    if problems:
+        raise ValueError("cannot merge these results:\n  " + "\n  ".join(problems))
+
+    first = items[0][1]
+    settings = dict(first["settings"])
+    for part, keys in PART_KEYS.items():
+        having = [r for _, r in items if r[part]]
+        for k in keys:
+            if having and k in having[0]["settings"]:
+                settings[k] = having[0]["settings"][k]
+    names = list(dict.fromkeys(n for _, r in items for n in r["settings"].get("methods", [])))
+    names += [n for _, r in items for part in PARTS for n in r[part] if n not in names]
+    names = ["fp16"] + sorted((n for n in dict.fromkeys(names) if n != "fp16"),
+                              key=lambda n: list(METHODS).index(n) if n in METHODS else len(METHODS))
+    settings["methods"] = names
+    for k, part in (("contexts", "ppl"), ("needle_contexts", "needle"), ("needle_depths", "needle")):
+        settings[k] = sorted({x for _, r in items if r[part] for x in r["settings"].get(k, [])})
+    settings["gsm8k"] = max([r["settings"].get("gsm8k", 0) for _, r in items if r["gsm8k"]], default=0)
+    presets = {r.get("preset") for _, r in items}
+    merged = dict(
+        model=first["model"], preset=presets.pop() if len(presets) == 1 else "mixed", settings=settings,
+        machine=first["machine"], started=min(r["started"] for _, r in items),
+        command=(f"merged from {len(items)} files: " + " + ".join(r["command"] for _, r in items)
+                 if len(items) > 1 else first["command"]),
+        ppl={}, needle={}, gsm8k={}, elapsed_s=sum(r.get("elapsed_s", 0.0) for _, r in items), errors=[], notes=[],
+        merged_from=[dict(path=label, started=r["started"], elapsed_s=r.get("elapsed_s", 0.0), command=r["command"],
+                          preset=r.get("preset"), machine=r["machine"], units=len(_unit_keys(r)),
+                          incomplete=r.get("incomplete")) for label, r in items],
+    )  # fmt: skip
+
+    kept, dups, fp16_diff = {}, 0, 0.0
+    for label, r in items:
+        for name, per in r["ppl"].items():
+            for c, runs in per.items():
+                for i, row in enumerate(runs):
+                    key = ("ppl", name, int(c), _window(row, i))
+                    if key in kept:
+                        dups += 1
+                        if name == "fp16":
+                            fp16_diff = max([fp16_diff] + [abs(a - b) for a, b in zip(row["nll"], kept[key]["nll"])])
+                        continue
+                    kept[key] = row = dict(row, window=_window(row, i))
+                    merged["ppl"].setdefault(name, {}).setdefault(str(int(c)), []).append(row)
+        for name, cells in r["needle"].items():
+            for row in cells:
+                key = ("needle", name, row["context"], row["depth"])
+                if key in kept:
+                    dups += 1
+                    continue
+                kept[key] = row
+                merged["needle"].setdefault(name, []).append(row)
+        for name, rs in r["gsm8k"].items():
+            for i, row in enumerate(rs):
+                key = ("gsm8k", name, row.get("index", i))
+                if key in kept:
+                    dups += 1
+                    continue
+                kept[key] = row = dict(row, index=row.get("index", i))
+                merged["gsm8k"].setdefault(name, []).append(row)
+        merged["notes"] += [f"{label}: {n}" for n in r.get("notes", [])]
+    order = {n: i for i, n in enumerate(names)}
+    for part in PARTS:
+        merged[part] = dict(sorted(merged[part].items(), key=lambda kv: order.get(kv[0], len(order))))
+    for per in merged["ppl"].values():
+        for c in list(per):
+            per[c] = sorted(per[c], key=lambda row: row["window"])
+        per.update(dict(sorted(per.items(), key=lambda kv: int(kv[0]))))
+    for part in ("needle", "gsm8k"):
+        for name, rows in merged[part].items():
+            rows.sort(key=(lambda x: (x["context"], x["depth"])) if part == "needle" else (lambda x: x["index"]))
+
+    errors_seen = set()
+    for label, r in items:
+        ended = [dict(r["running"], error="the process ended during this unit of work (a crash, or killed at a "
+                      "time limit)")] if r.get("running") else []  # fmt: skip
+        for e in r.get("errors", []) + ended:
+            key = _error_key(e)
+            if e["part"] == "ppl":
+                measured = all(("ppl", e["method"], c, e.get("window")) in kept for c in r["settings"]["contexts"])
+            else:
+                measured = key in kept
+            if not measured and key not in errors_seen:
+                errors_seen.add(key)
+                merged["errors"].append(dict(e, file=label))
+
+    for part in ("ppl", "gsm8k"):
+        if any(n != "fp16" for n in merged[part]) and "fp16" not in merged[part]:
+            raise ValueError(f"cannot merge these results: no file has fp16 {part} results, "
+                             "the reference of the others")
+    fp_ppl = {(k[2], k[3]) for k in kept if k[:2] == ("ppl", "fp16")}
+    gaps = sorted({(k[2], k[3]) for k in kept if k[0] == "ppl" and (k[2], k[3]) not in fp_ppl})
+    if gaps:
+        merged["notes"].append(f"no fp16 ppl rows at (context, window) {gaps}: those rows have no deltas")
+    fp_gsm = {k[2] for k in kept if k[:2] == ("gsm8k", "fp16")}
+    gaps = sorted({k[2] for k in kept if k[0] == "gsm8k" and k[2] not in fp_gsm})
+    if gaps:
+        merged["notes"].append(f"no fp16 GSM8K result for problems {gaps}: left out of same_as_fp16 / answer_as_fp16")
+    if dups:
+        merged["notes"].append(f"{dups} units of work were in several files; the first file's were kept (largest "
+                               f"|difference| between copies of fp16 per-token NLL: {fp16_diff:.3g})")
+    return merged
+
+
+PPL_COLS = ["context", "method", "ppl", "d_ppl_pct", "d_ppl_se", "kl", "kl_decode", "kl_chunk", "top1", "bytes_per_token",
             "bits_per_elem", "peak_mb", "peak_over_base_mb"]  # fmt: skip
 
 
@@ -519,7 +884,7 @@ def md_table(rows, cols=None) -> str:
     return "\n".join(lines)
 
 
-def report(results, out_dir, echo=True) -> str:
+def report(results, out_dir, echo=True, plots=True) -> str:
     """Tables on the terminal, quality.md and the plots in out_dir (also for a partial quality.json)."""
     out_dir = Path(out_dir)
     ppl, needle, gsm = ppl_table(results), needle_table(results), gsm8k_table(results)
@@ -531,24 +896,47 @@ def report(results, out_dir, echo=True) -> str:
         parts.append(("Needle in a haystack (accuracy)", needle, None))
     if gsm:
         parts.append(("GSM8K (greedy, chat template)", gsm, None))
+    errors = error_table(results)
+    if errors:
+        parts.append(("Errors (units of work that raised; the run went on without them)", errors, None))
     if echo:
         for title, rows, cols in parts:
             print(f"\n{title}\n{text_table(rows, cols)}")
-    plots = write_plots(results, out_dir)
+        if results.get("incomplete"):
+            print(f"\nINCOMPLETE: {results['incomplete']}")
+    plots = write_plots(results, out_dir) if plots else []
     m = results["machine"]
     md = [
         f"# KV-cache quality: {results['model']}",
         "",
         f"Preset `{results['preset']}`, {results['started']}, {results['elapsed_s'] / 60:.1f} min on "
-        f"{m['device']} ({m['platform']}, {m['cpus']} CPUs, mlx {m['mlx']}).",
-        f"Command: `{results['command']}`",
+        f"{m['device']}{' ' + m['device_name'] if m.get('device_name') else ''} ({m['platform']}, {m['cpus']} CPUs, "
+        f"mlx {m['mlx']}), model weights in {s.get('dtype', 'the stored dtype')}.",
+        f"Command: `{results['command']}`" if not results.get("merged_from") else "Command: see below",
+    ]
+    for r in results.get("resumed", []):
+        md.append(f"Resumed {r['started']}: `{r['command']}`")
+    if results.get("merged_from"):
+        md += ["", f"Merged from {len(results['merged_from'])} files (the first file's figures win where several "
+               "hold the same unit):"]
+        md += [f"- `{f['path']}`: {f['started']}, {f['elapsed_s'] / 60:.1f} min, {f['units']} units"
+               + (f", stopped early ({f['incomplete']['reason']}, {f['incomplete']['units_left']} units left)"
+                  if f.get("incomplete") else "")
+               + f"; `{f['command']}`" for f in results["merged_from"]]
+    inc = results.get("incomplete")
+    if inc:
+        md += ["", f"**Incomplete**: stopped ({inc['reason']}) with {inc['units_left']} of {inc['units_total']} "
+               f"units of work left, next `{inc['next']}`."]
+    for note in results.get("notes", []):
+        md += ["", f"Note: {note}"]
+    md += [
         "",
         f"Settings: `{json.dumps(s)}`",
         "",
         f"Scoring: for context C, C - {s['scored']} tokens of WikiText-2 go through chunked prefill (2048-token "
         f"chunks); the next {s['scored']} tokens are scored, {s['decode']} one step at a time then chunks of "
-        f"{s['chunk']}; {s['segments']} text window(s). KL is KL(FP16 || method) of the next-token distribution "
-        "(nats), top1 the share of positions where the argmax equals FP16's. bytes_per_token and bits_per_elem "
+        f"{s['chunk']}; {s['segments']} text window(s). d_ppl_se is the standard error of d_ppl_pct (paired per-token "
+        "NLL differences). KL is KL(FP16 || method) of the next-token distribution (nats), top1 the share of positions where the argmax equals FP16's. bytes_per_token and bits_per_elem "
         "count the used arrays of every layer's cache at C tokens (FP16 window, banks, indices, scales "
         "included); `fp16` is the model's own KVCache in the model's dtype. peak_mb is `mx.get_peak_memory()` "
         "over the pass (weights included), peak_over_base_mb the part above the memory in use before it.",
@@ -661,10 +1049,19 @@ def main(argv=None, prog="pkv-mlx eval") -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the quick preset (default)")
     g.add_argument("--full", dest="preset", action="store_const", const="full", help="the full preset")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--out", default=None, help="output folder (default: results; with --report: the JSON's folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--report", metavar="JSON", help="only redo the tables, report and plots of a quality.json")
-    p.add_argument("--contexts", type=_ints, help="override: contexts, e.g. 2048,4096")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (quality.json and quality.md only)")
+    p.add_argument("--report", metavar="JSON", nargs="+",
+                   help="only redo the tables, report and plots of a quality.json (written beside it), or merge "
+                        "several quality.json files (pieces of one measurement) into --out")
+    p.add_argument("--dtype", choices=list(DTYPES), help="cast the model's weights (default: as stored; the default "
+                   "model is converted to float32; use float16 or bfloat16 on a GPU)")
+    p.add_argument("--deadline-s", type=float, metavar="SECONDS",
+                   help="start no unit of work that would end later than SECONDS after start; then write the report")
+    p.add_argument("--resume", metavar="JSON", help="go on from the quality.json of an interrupted run with the same "
+                   "settings (its units are kept, not run again); a missing file starts afresh")
+    p.add_argument("--contexts", type=_ints, help="override: contexts, e.g. 2048,4096 ('' for none)")
     p.add_argument("--scored", type=int, help="override: scored tokens per context")
     p.add_argument("--segments", type=int, help="override: WikiText-2 windows")
     p.add_argument("--needle-contexts", type=_ints, help="override: needle contexts ('' for none)")
@@ -673,16 +1070,37 @@ def main(argv=None, prog="pkv-mlx eval") -> int:
     p.set_defaults(preset="quick")
     a = p.parse_args(argv)
     if a.report:
-        results = json.loads(Path(a.report).read_text())
-        report(results, Path(a.report).parent)
+        try:
+            items = [(f, json.loads(Path(f).read_text())) for f in a.report]
+            if len(items) == 1 and a.out is None:
+                report(items[0][1], Path(a.report[0]).parent, plots=not a.no_plots)
+                return 0
+            if a.out is None:
+                raise ValueError("merging several files needs --out (the folder for the merged report)")
+            merged = merge_results(items)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(merged, indent=1))
+        report(merged, out, plots=not a.no_plots)
         return 0
     overrides = {k: v for k, v in dict(contexts=a.contexts, scored=a.scored, segments=a.segments,
                  needle_contexts=a.needle_contexts, needle_depths=a.needle_depths, gsm8k=a.gsm8k).items()
                  if v is not None}  # fmt: skip
     methods = [x.strip() for x in a.methods.split(",")] if a.methods else None
+    resume = None
+    if a.resume:
+        if Path(a.resume).is_file():
+            resume = a.resume
+        else:
+            print(f"--resume: {a.resume} does not exist (yet): starting afresh", file=sys.stderr)
+    deadline = _T0 + a.deadline_s if a.deadline_s is not None else None
     try:
-        run_eval(a.model, methods, a.preset, a.out, progress=not a.no_progress, command=f"{prog} {shlex.join(argv)}",
-                 **overrides)
+        run_eval(a.model, methods, a.preset, a.out or "results", progress=not a.no_progress,
+                 command=f"{prog} {shlex.join(argv)}", dtype=a.dtype, deadline=deadline, resume=resume,
+                 plots=not a.no_plots, **overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ end on a tiny model, and one check of PatternKV's quality on the real SmolLM2-13
 
 import json
 import math
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -140,6 +141,122 @@ def test_run_eval_end_to_end(tmp_path, monkeypatch):
     # the report can be redone from the JSON alone
     (out / "quality.md").unlink()
     assert ev.main(["--report", str(out / "quality.json")]) == 0 and (out / "quality.md").is_file()
+
+
+class FailsLate(KVCache):
+    """Raises as mlx-lm's quantized cache does on MLX's CUDA backend for some shapes, once past 280 tokens."""
+
+    def update_and_fetch(self, keys, values):
+        if self.offset + keys.shape[2] > 280:
+            raise RuntimeError("[quantized_matmul] No implementation for problem shape (simulated)")
+        return super().update_and_fetch(keys, values)
+
+
+TINY_RUN = ["--no-progress", "--contexts", "256,512", "--scored", "32", "--needle-contexts", "300",
+            "--needle-depths", "0,100", "--gsm8k", "1"]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """ev.main on a tiny qwen3 model with the settings above; returns run(out, *args) -> results dict."""
+    monkeypatch.setattr(needle, "essays", lambda: " ".join(f"Line {i} of the essay." for i in range(3000)))
+    path = save_tiny(tmp_path / "m", "qwen3")
+
+    def run(out, *args):
+        assert ev.main(["--model", str(path), "--out", str(tmp_path / out), *TINY_RUN, *args]) == 0
+        return json.loads((tmp_path / out / "quality.json").read_text())
+
+    return run
+
+
+@needs_data
+def test_a_failing_method_is_recorded_and_the_run_goes_on(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(ev.METHODS, "broken", lambda model: [FailsLate() for _ in model.layers])
+    r = tiny_run("out", "--methods", "broken,kivi2")
+    assert r["settings"]["methods"] == ["fp16", "broken", "kivi2"]
+    # the pass that failed at 512 tokens keeps its 256-token row; the others are complete
+    assert sorted(r["ppl"]["broken"]) == ["256"] and sorted(r["ppl"]["kivi2"]) == ["256", "512"]
+    assert [len(r["needle"][m]) for m in ("fp16", "kivi2")] == [2, 2] and "broken" not in r["needle"]
+    assert len(r["gsm8k"]["fp16"]) == len(r["gsm8k"]["kivi2"]) == 1
+    errors = r["errors"]
+    assert {e["method"] for e in errors} == {"broken"}
+    assert [(e["window"], e["context"]) for e in errors if e["part"] == "ppl"] == [(0, 512)]
+    assert sorted((e["context"], e["depth"]) for e in errors if e["part"] == "needle") == [(300, 0), (300, 100)]
+    assert all("No implementation for problem shape" in e["error"] and "Traceback" in e["traceback"] for e in errors)
+    rows = {(x["context"], x["method"]): x for x in ev.ppl_table(r)}
+    assert set(rows) == {(256, "fp16"), (512, "fp16"), (256, "broken"), (256, "kivi2"), (512, "kivi2")}
+    assert rows[256, "broken"]["kl"] == 0  # a plain KVCache until it fails
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "## Errors" in md and "| ppl | broken | window 0 context 512 |" in md and "No implementation" in md
+
+
+@needs_data
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_run, tmp_path, monkeypatch):
+    class Killed(BaseException):  # like the signal of a time limit: not caught as a failed unit
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ev, "needle_cell", killed)
+        with pytest.raises(Killed):
+            tiny_run("out", "--methods", "kivi2")
+    part = json.loads((tmp_path / "out" / "quality.json").read_text())  # written after every unit
+    assert sorted(part["ppl"]) == ["fp16", "kivi2"] and not part["needle"] and not part["gsm8k"]
+    assert part["running"] == {"part": "needle", "method": "fp16", "context": 300, "depth": 0}
+    passes = []
+    monkeypatch.setattr(ev, "ppl_pass", lambda *a, **k: passes.append(a) or {})
+    # a deadline already passed: no unit starts, the report says what is left
+    t0 = time.monotonic()
+    settings = dict(contexts=[256, 512], scored=32, needle_contexts=[300], needle_depths=[0, 100], gsm8k=1)
+    r = ev.run_eval(str(tmp_path / "m"), ["kivi2"], "quick", tmp_path / "out", progress=False, resume=part,
+                    deadline=t0, **settings)
+    # the unit the killed process was in is recorded as failed, not retried (it might crash it again)
+    assert r["errors"][0]["part"] == "needle" and "process ended" in r["errors"][0]["error"]
+    assert r["incomplete"]["units_left"] == 5 and r["incomplete"]["units_total"] == 8
+    assert "**Incomplete**" in (tmp_path / "out" / "quality.md").read_text()
+    r = tiny_run("out", "--methods", "kivi2", "--resume", str(tmp_path / "out" / "quality.json"))
+    assert passes == []  # the perplexity passes were not run again
+    assert r["ppl"] == part["ppl"] and "incomplete" not in r and len(r["resumed"]) == 2
+    assert [len(r["needle"][m]) for m in ("fp16", "kivi2")] == [1, 2] and len(r["gsm8k"]["kivi2"]) == 1
+    assert r["gsm8k"]["kivi2"][0]["same_as_fp16"] in (True, False)
+    # another setting cannot resume it
+    assert ev.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"), *TINY_RUN, "--methods", "kivi2",
+                    "--scored", "16", "--resume", str(tmp_path / "out" / "quality.json")]) == 2
+
+
+@needs_data
+def test_report_merges_pieces_of_a_run(tiny_run, tmp_path, capsys):
+    a = tiny_run("a", "--methods", "kivi2")  # every part
+    b = tiny_run("b", "--methods", "pkv2", "--contexts", "256", "--needle-contexts", "", "--gsm8k", "0")  # ppl only
+    c = tiny_run("c", "--methods", "pkv2", "--contexts", "")  # needle and GSM8K only
+    files = [str(tmp_path / x / "quality.json") for x in "abc"]
+    assert ev.main(["--report", *files, "--out", str(tmp_path / "merged")]) == 0
+    m = json.loads((tmp_path / "merged" / "quality.json").read_text())
+    assert m["settings"]["methods"] == ["fp16", "kivi2", "pkv2"] and m["settings"]["contexts"] == [256, 512]
+    assert m["settings"]["dtype"] == "float32"
+    rows = {(x["context"], x["method"]): x for x in ev.ppl_table(m)}
+    assert set(rows) == {(256, "fp16"), (512, "fp16"), (256, "kivi2"), (512, "kivi2"), (256, "pkv2")}
+    for piece, keys in ((a, [(256, "kivi2"), (512, "kivi2"), (512, "fp16")]), (b, [(256, "pkv2")])):
+        want = {(x["context"], x["method"]): x for x in ev.ppl_table(piece)}
+        assert all(rows[k] == want[k] for k in keys)
+    assert {n: len(x) for n, x in m["needle"].items()} == {"fp16": 2, "kivi2": 2, "pkv2": 2}
+    gsm = {x["method"]: x for x in ev.gsm8k_table(m)}
+    assert gsm["pkv2"] == {x["method"]: x for x in ev.gsm8k_table(c)}["pkv2"]
+    # fp16 was measured in all three files: the first copy is kept (the same here, on one machine)
+    assert any("first file's were kept" in n and "NLL: 0" in n for n in m["notes"])
+    md = (tmp_path / "merged" / "quality.md").read_text()
+    assert "Merged from 3 files" in md and "| 512 | kivi2 |" in md and "| 256 | pkv2 |" in md
+    # pieces measured with other settings, or without their FP16 reference, are refused
+    tiny_run("d", "--methods", "pkv2", "--scored", "16", "--needle-contexts", "", "--gsm8k", "0")
+    capsys.readouterr()
+    assert ev.main(["--report", files[0], str(tmp_path / "d" / "quality.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "ppl setting 'scored' differs: 32 in" in capsys.readouterr().err
+    del b["ppl"]["fp16"]
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert ev.main(["--report", str(tmp_path / "b.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "no file has fp16 ppl results" in capsys.readouterr().err
 
 
 def test_unknown_method_or_setting():
