@@ -27,9 +27,12 @@ _DIR = Path(__file__).parent / "metal"
 NT_MERGE = 256  # threads per threadgroup of the merge
 NT_FLUSH = {"metal": 512, "cuda": 512}  # threads per threadgroup of the flush kernel (1024 was slower)
 MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge holds 256 weights per head
-# aim for about this many split threadgroups per step: a few per GPU core, so that each SIMD group
-# gets about one tile at 64K tokens on an H200 (132 SMs)
-TARGET_GROUPS = 1024
+# Default split size: about TARGET_GROUPS split threadgroups per step, and at least MIN_SPLIT tokens a
+# split. Every threadgroup first builds its own q . P_k table, so fewer, longer splits win: the H200
+# sweep (docs/RESULTS.md; 32q/8kv heads, D 128) was fastest at 2048-8192 tokens a split for batch 1
+# and 4096-32768 for batch 8, i.e. about 128-256 threadgroups.
+TARGET_GROUPS = 128
+MIN_SPLIT = 2048
 CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
 NO_PATTERN = 255
 
@@ -181,12 +184,11 @@ def split_geometry(d: int, r: int, k_bits: int):
 
 
 def _split_size(nq_max: int, bh: int, nwarp: int, tile: int, split_tokens) -> int:
-    """Quantized tokens per split, a whole number of tiles. Default: about TARGET_GROUPS splits in
-    all; a split of at least `nwarp` tiles gets a multiple of `nwarp` (every SIMD group busy), a
-    shorter one leaves SIMD groups idle but spreads a short context over more GPU cores."""
+    """Quantized tokens per split: a whole number of tiles, a multiple of `nwarp` tiles when the
+    default picks it (every SIMD group busy)."""
     if split_tokens is None:
-        n = max(1, -(-(-(-nq_max // tile)) * bh // TARGET_GROUPS))
-        split_tokens = (n if n < nwarp else -(-n // nwarp) * nwarp) * tile
+        chunk = nwarp * tile
+        split_tokens = -(-max(MIN_SPLIT, -(-nq_max * bh // TARGET_GROUPS)) // chunk) * chunk
     st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), tile)
     return -(-st // tile) * tile
 
