@@ -74,39 +74,29 @@ for (int d = tid; d < D; d += NT) {
 }
 PKV_BARRIER();
 
-// ---- 2, 3. assignment (and the V gate): one SIMD group per token, lanes over candidates (each lane
-// scans whole candidate rows, no reduction inside the loop), then the first index of the smallest
-// distance over the lanes
+// ---- 2, 3. assignment (and the V gate): one SIMD group per token, lanes over channels
 for (int t = warp; t < G; t += NW) {
-  const int xo = (xrow0 + j * G + t) * D;
+  float xr[DL];
+  for (int i = 0; i < DL; ++i) {
+    xr[i] = static_cast<float>(x[(xrow0 + j * G + t) * D + lane + 32 * i]);
+  }
   int best_i = -1;
   float best = PKV_BIG;
-  for (int c = lane; c < ncand; c += 32) {  // increasing c: ties keep the first
+  for (int c = 0; c < ncand; ++c) {  // ties keep the first
     float mx = -PKV_BIG;
     float mn = PKV_BIG;
-    for (int d = 0; d < D; ++d) {
+    for (int i = 0; i < DL; ++i) {
+      const int d = lane + 32 * i;
       const float cv = c < np ? static_cast<float>(bank[(bh * MC + c) * D + d]) : cen_sh[(c - np) * D + d];
-      const float r = static_cast<float>(x[xo + d]) - cv;
+      const float r = xr[i] - cv;
       mx = pkv_fmax(mx, r);
       mn = pkv_fmin(mn, r);
     }
-    const float dist = mx - mn;
+    const float dist = pkv_simd_max(mx) - pkv_simd_min(mn);
     if (dist < best) {
       best = dist;
       best_i = c;
     }
-  }
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ob = pkv_shfl_xor(best, ushort(off));
-    const int oi = int(pkv_shfl_xor(float(best_i), ushort(off)));
-    if (oi >= 0 && (best_i < 0 || ob < best || (ob == best && oi < best_i))) {
-      best = ob;
-      best_i = oi;
-    }
-  }
-  float xr[DL];
-  for (int i = 0; i < DL; ++i) {
-    xr[i] = static_cast<float>(x[xo + lane + 32 * i]);
   }
   int keep = best_i >= 0 ? 1 : 0;
   if (IS_V && best_i >= 0 && thr >= 0.0f) {
