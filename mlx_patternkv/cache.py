@@ -334,9 +334,11 @@ class PatternKVCache(_BaseCache):
         """Quantize the first n tokens of fk, fv [B, H, T, D] (fp32), n a multiple of the window.
 
         K and V apart: on a GPU back-end (kernels.backend()) each goes through one fused
-        `kernels.flush` launch when it can (a later flush, or patterns off, and a shape the kernel
-        supports); the first flush of a part with patterns (k-means mining) and every other case
-        take the MLX-ops path. Both give bit-identical storage."""
+        `kernels.flush` launch when it can: a flush of one window (the decode steady state), after
+        the first flush or with patterns off, and a shape the kernel supports. The first flush of a
+        part with patterns (k-means mining) and prefill-sized flushes of several windows take the
+        MLX-ops path, which is faster for those (H200, SmolLM2 8K prefill: 1.7 s against 5.2 s).
+        Both give bit-identical storage."""
         cfg = self.config
         b, h, t, d = fk.shape
         dv = fv.shape[-1]
@@ -348,20 +350,23 @@ class PatternKVCache(_BaseCache):
             mined_k, mined_v = patterns.mine(fk.reshape(rows, t, d), fv.reshape(rows, t, dv), cfg)
             self.first_flush = n
         be = kernels.backend()
-        if be is not None and self._fusable("k", d, first):
+        if be is not None and self._fusable("k", d, first, n):
             self._flush_kernel("k", fk, n)
         else:
             self._flush_portable("k", fk[:, :, :n], mined_k)
-        if be is not None and self._fusable("v", dv, first):
+        if be is not None and self._fusable("v", dv, first, n):
             self._flush_kernel("v", fv, n)
         else:
             self._flush_portable("v", fv[:, :, :n], mined_v)
         self.n_quant += n
 
-    def _fusable(self, part, d, first) -> bool:
-        """Whether the flush of `part` ("k" / "v") can go through `kernels.flush`: patterns off (no
-        mining, the bank stays None), or a later flush on a non-empty bank; and a supported shape."""
+    def _fusable(self, part, d, first, n) -> bool:
+        """Whether the flush of n tokens of `part` ("k" / "v") goes through `kernels.flush`: one
+        window; patterns off (no mining, the bank stays None), or a later flush on a non-empty bank;
+        and a supported shape."""
         cfg = self.config
+        if n != cfg.window:
+            return False
         n_pat = self.n_kpat if part == "k" else self.n_vpat
         on = cfg.k_patterns if part == "k" else cfg.v_patterns
         bits = cfg.k_bits if part == "k" else cfg.v_bits

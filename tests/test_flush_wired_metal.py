@@ -74,8 +74,9 @@ def assert_identical(a: PatternKVCache, b: PatternKVCache, where: str):
 
 
 def expected_launches(cfg: PatternKVConfig, chunks, d: int) -> int:
-    """Flush launches the cache must make: one per part (K, V) and flush that the kernel takes (a later
-    flush, or any flush of a part without patterns), more when the new centres exceed threadgroup memory."""
+    """Flush launches the cache must make: one per part (K, V) and flush that the kernel takes (a flush of
+    one window that is a later flush, or any such flush of a part without patterns), more when the new
+    centres exceed threadgroup memory. Multi-window (prefill) flushes take the portable path."""
     w, g, ngc = cfg.window, cfg.group_size, kernels.CENTER_FLOATS // d
     n_win = n_quant = count = 0
     n_pat = {"k": 0, "v": 0}
@@ -85,14 +86,13 @@ def expected_launches(cfg: PatternKVConfig, chunks, d: int) -> int:
         if nf:
             ng = nf // g
             for part, mined in (("k", cfg.k_patterns), ("v", cfg.v_patterns)):
-                if not mined:
-                    count += 1
-                elif n_quant == 0:
+                if mined and n_quant == 0:
                     n_pat[part] = min(mined, total)  # k-means on the portable path
-                else:
-                    grow = max(0, min(cfg.max_patterns - n_pat[part], ng))
+                    continue
+                grow = max(0, min(cfg.max_patterns - n_pat[part], ng)) if mined else 0
+                if nf == w:
                     count += 1 if grow <= ngc else -(-ng // ngc)
-                    n_pat[part] += grow
+                n_pat[part] += grow
             n_quant += nf
         n_win = total - nf
     return count
@@ -117,10 +117,12 @@ def run_both(state, cfg, chunks, b=2, h=2, d=64, seed=0, in_dtype=np.float16):
 CASES = {
     # prompt past the first flush (k-means), then decode steps crossing two flush boundaries; gate on
     "decode_2bit_gate": (PatternKVConfig(k_bits=2, v_bits=2, group_size=32, window=32, k_patterns=8, v_patterns=8), [40] + [1] * 58),
-    # chunked prefill: later flushes of several groups at once (bank grows group by group); gate off
-    "chunked_3bit_nogate": (PatternKVConfig(k_bits=3, v_bits=3, group_size=64, window=128, k_patterns=16, v_patterns=4, v_gate=False), [200, 300, 1, 60]),
-    # the bank cap is hit inside a 4-group flush (K 5 -> 8, V 6 -> 8), later flushes at the cap; bfloat16 storage
-    "cap_inside_flush_bf16": (PatternKVConfig(k_bits=2, v_bits=3, group_size=32, window=64, k_patterns=5, v_patterns=6, max_patterns=8, dtype="bfloat16"), [64, 160, 64]),
+    # chunked prefill (multi-window flushes: portable) mixed with window flushes of two groups (the bank
+    # grows group by group inside the kernel); gate off
+    "chunked_3bit_nogate": (PatternKVConfig(k_bits=3, v_bits=3, group_size=64, window=128, k_patterns=16, v_patterns=4, v_gate=False), [200, 300, 1, 60, 70, 128]),
+    # the bank cap is hit inside a 2-group window flush (K 7 -> 8), V reaches it exactly (6 -> 8), later
+    # flushes at the cap; bfloat16 storage
+    "cap_inside_flush_bf16": (PatternKVConfig(k_bits=2, v_bits=3, group_size=32, window=64, k_patterns=5, v_patterns=6, max_patterns=8, dtype="bfloat16"), [64, 64, 64, 64]),
     # patterns off (KIVI): every flush, the first included, goes through the kernel; float32 storage
     "kivi_2_3bit_f32": (PatternKVConfig(k_bits=2, v_bits=3, group_size=32, window=32, k_patterns=0, v_patterns=0, dtype="float32"), [50, 1, 13, 1, 40]),
     # K without patterns, V mined with a gate: K fused from the start, V from the second flush
@@ -144,13 +146,13 @@ def test_metal_flush_wired_matches_portable(metal_flush, name):
 
 
 def test_metal_flush_wired_more_centres_than_threadgroup_memory(metal_flush):
-    """A 17-group chunk at head_dim 256 (threadgroup memory holds 16 centres): kernels.flush launches
+    """A 17-group window at head_dim 256 (threadgroup memory holds 16 centres): kernels.flush launches
     twice per part, growing the bank in between; the cache still matches the portable path."""
     state, launches = metal_flush
     d = 256
     assert kernels.CENTER_FLOATS // d == 16
-    cfg = PatternKVConfig(k_bits=2, v_bits=2, group_size=32, window=32, k_patterns=4, v_patterns=4)
-    chunks = [32, 17 * 32 + 7]
+    cfg = PatternKVConfig(k_bits=2, v_bits=2, group_size=32, window=17 * 32, k_patterns=4, v_patterns=4)
+    chunks = [17 * 32, 17 * 32 + 7]
     run_both(state, cfg, chunks, b=1, h=1, d=d, seed=5)
     assert launches.count("flush") == expected_launches(cfg, chunks, d) == 4
 
