@@ -337,7 +337,8 @@ class PatternKVCache(_BaseCache):
         `kernels.flush` launch when it can: a flush of one window (the decode steady state), after
         the first flush or with patterns off, and a shape the kernel supports. The first flush of a
         part with patterns (k-means mining) and prefill-sized flushes of several windows take the
-        MLX-ops path, which is faster for those (H200, SmolLM2 8K prefill: 1.7 s against 5.2 s).
+        MLX-ops path, which was faster for those (H200, SmolLM2 8K prefill: 1.7 s against 5.2 s with
+        a kernel variant since reverted; docs/DESIGN.md).
         Both give bit-identical storage."""
         cfg = self.config
         b, h, t, d = fk.shape
