@@ -604,6 +604,7 @@ def test_metal_shim_rejects_a_type_error(tmp_path):
         (64, 8, 4, 4, 64, [2100, 700], [0, 128], 4, True, True, mx.float16, mx.float16, 512),  # one tile a SIMD group
         (256, 8, 2, 2, 128, [700, 300], [128, 50], 3, True, True, mx.float16, mx.float16, None),  # 2 SIMD groups
         (128, 1, 2, 4, 32, [333, 1], [0, 0], 1, False, False, mx.float32, mx.float32, 256),
+        (64, 5, 2, 3, 128, [640, 257], [3, 127], 1, True, True, mx.float16, mx.float16, None),  # GQA 5
     ],
 )  # fmt: skip
 def test_metal_emulated_decode_matches_reference(emulated, d, r, kb, vb, g, nq, nw, ln, kp, vp, cdt, qdt, split):
