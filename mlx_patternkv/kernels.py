@@ -176,7 +176,7 @@ def decode_attention(
     )  # fmt: skip
 
 
-def split_geometry(d: int, r: int, k_bits: int):
+def _split_geometry(d: int, r: int, k_bits: int):
     """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NWARP and TILE)."""
     nwarp = 2 if d * r >= 2048 else 4
     tile = 32 * (4 if k_bits == 8 or r > 4 else 8)
@@ -234,7 +234,7 @@ def _decode_attention(
             raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    nwarp, tile = split_geometry(d, r, k_bits)
+    nwarp, tile = _split_geometry(d, r, k_bits)
     st = _split_size(nq_max, b * h, nwarp, tile, split_tokens) if nq_max else tile
     nsq = -(-nq_max // st)
     ns = nsq + 1
