@@ -22,7 +22,7 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
-from mlx_patternkv import PatternKVConfig, kernels, load, make_prompt_cache
+from mlx_patternkv import PatternKVConfig, evaluate, kernels, load, make_prompt_cache
 from mlx_patternkv.evaluate import machine, wikitext_windows
 
 OUT = os.environ.get("OUT", "results")
@@ -35,10 +35,9 @@ def portable(flag: bool):
         os.environ.pop("MLX_PATTERNKV_PORTABLE", None)
 
 
-def prefill(model, cache, tokens, chunk=2048):
-    for s in range(0, len(tokens) - 1, chunk):
-        model(mx.array(tokens[s : min(s + chunk, len(tokens) - 1)])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+def prefill(model, cache, tokens):
+    """All but the last token through chunked prefill (evaluate.prefill); returns the last one [1]."""
+    evaluate.prefill(model, cache, tokens[:-1])
     return mx.array(tokens[-1:])
 
 

@@ -382,7 +382,6 @@ class PatternKVCache(_BaseCache):
         cfg = self.config
         b, h, _, d = x.shape
         g = cfg.group_size
-        q0, q1 = self.n_quant, self.n_quant + n
         on = cfg.k_patterns if part == "k" else cfg.v_patterns
         bank = getattr(self, part + "_bank") if on else None
         n_pat = self.n_kpat if part == "k" else self.n_vpat
@@ -402,15 +401,7 @@ class PatternKVCache(_BaseCache):
                 self.n_vpat = n_pat + k
             else:
                 self.n_kpat = n_pat + k
-            getattr(self, part + "_idx")[:, :, q0:q1] = idx
-        if values:
-            self.v_codes[:, :, q0:q1] = codes
-            self.v_scales[:, :, q0:q1] = scales
-            self.v_mins[:, :, q0:q1] = mins
-        else:
-            self.k_codes[..., q0 * bits // 32 : q1 * bits // 32] = codes
-            self.k_scales[..., q0 // g : q1 // g] = scales
-            self.k_mins[..., q0 // g : q1 // g] = mins
+        self._store(part, n, idx if bank is not None else None, codes, scales, mins)
 
     def _flush_portable(self, part, x, mined):
         """The MLX-ops flush of x [B, H, n, D] (fp32, the tokens to quantize) for `part` ("k" / "v").
@@ -419,7 +410,6 @@ class PatternKVCache(_BaseCache):
         b, h, n, d = x.shape
         rows = b * h
         g = cfg.group_size
-        q0, q1 = self.n_quant, self.n_quant + n
         values = part == "v"
         xr = x.reshape(rows, n, d)
         idx = bank = None
@@ -437,18 +427,29 @@ class PatternKVCache(_BaseCache):
             r, idx = patterns.residuals(xr, bank, idx, cfg.v_gate_z if cfg.v_gate else None)
             # V: per token, groups of gv channels, stored [T, D]
             codes, scales, mins = quantize(r.reshape(b, h, n, d), cfg.v_bits, cfg.v_group_size(d), cfg.mx_dtype)
-            self.v_codes[:, :, q0:q1] = codes
-            self.v_scales[:, :, q0:q1] = scales
-            self.v_mins[:, :, q0:q1] = mins
         else:
             r, idx = patterns.residuals(xr, bank, idx)
             # K: per channel, groups of g tokens, stored [D, T]
             codes, scales, mins = quantize(r.reshape(b, h, n, d).swapaxes(-1, -2), cfg.k_bits, g, cfg.mx_dtype)
+        self._store(part, n, None if idx is None else idx.reshape(b, h, n), codes, scales, mins)
+
+    def _store(self, part, n, idx, codes, scales, mins):
+        """Write one flush of n tokens of `part` ("k" / "v") at quantized position n_quant: indices
+        [B, H, n] (None without patterns), codes / scales / mins in the part's layout (K per channel
+        [.., D, ..], V per token [.., n, ..])."""
+        cfg = self.config
+        g = cfg.group_size
+        q0, q1 = self.n_quant, self.n_quant + n
+        if idx is not None:
+            getattr(self, part + "_idx")[:, :, q0:q1] = idx
+        if part == "v":
+            self.v_codes[:, :, q0:q1] = codes
+            self.v_scales[:, :, q0:q1] = scales
+            self.v_mins[:, :, q0:q1] = mins
+        else:
             self.k_codes[..., q0 * cfg.k_bits // 32 : q1 * cfg.k_bits // 32] = codes
             self.k_scales[..., q0 // g : q1 // g] = scales
             self.k_mins[..., q0 // g : q1 // g] = mins
-        if idx is not None:
-            getattr(self, part + "_idx")[:, :, q0:q1] = idx.reshape(b, h, n)
 
     def _assign(self, name, x, n_pat, mined):
         """Pattern indices for x [N, n, D]. At the first flush `mined` is the k-means bank [N, k', D]:

@@ -10,7 +10,6 @@
 #define PKV_SHARED __shared__
 #define PKV_UNROLL _Pragma("unroll")
 #define PKV_BARRIER() __syncthreads()
-#define PKV_BARRIER_DEVICE() __syncthreads()
 #define PKV_SIMD_BARRIER() __syncwarp()
 
 #define thread_position_in_threadgroup threadIdx

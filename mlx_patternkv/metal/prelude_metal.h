@@ -13,7 +13,6 @@
 #endif
 #define PKV_UNROLL _Pragma("clang loop unroll(full)")
 #define PKV_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
-#define PKV_BARRIER_DEVICE() threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)
 #define PKV_SIMD_BARRIER() simdgroup_barrier(mem_flags::mem_threadgroup)
 
 typedef ulong pkv_u64;
