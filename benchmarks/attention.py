@@ -7,9 +7,12 @@ side in one run:
   mlxlm_q{b}  mlx-lm's quantized SDPA (mx.quantize'd K/V, group 64, b bits)
   pkv_kernel  our fused kernels (kernels.decode_attention) on a PatternKV cache at b bits
   pkv_port    our portable path (attention.compressed_attention) on the same cache
-Each time is the median over trials of (one mx.eval of `reps` independent calls) / reps, so launch
-overheads are included but Python graph building is not. Bytes are what each method must read; the
-card's copy bandwidth is measured in the same run.
+Each attention time is the latency of one call: the median over trials of (one mx.eval of a chain of
+`reps` calls, each call's output the next call's query) / reps, as the layers of a decode step
+depend on each other. Launch overheads are included, Python graph building is not. (Independent
+calls in one mx.eval may run concurrently on MLX's CUDA back-end, which hides a kernel's latency; the
+results of 2026-11-30 before this change were measured that way.) Bytes are what each method must
+read; the card's copy bandwidth is measured in the same run.
 
     python benchmarks/attention.py [--lengths 4096 16384 65536 131072] [--batches 1 8] [--json out.json]
 """
@@ -26,8 +29,24 @@ from mlx_patternkv import kernels
 from mlx_patternkv.config import PatternKVConfig
 
 
+def latency(fn, x, reps=20, trials=5):
+    """Median seconds per call of fn(x) -> array shaped like x, `reps` calls chained in one mx.eval."""
+    mx.eval(fn(x))
+    ts = []
+    for _ in range(trials):
+        y = x
+        for _ in range(reps):
+            y = fn(y)
+        t0 = time.perf_counter()
+        mx.eval(y)
+        ts.append((time.perf_counter() - t0) / reps)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def timeit(fn, reps=20, trials=5):
-    """Median seconds per call of fn() (an mx.array or list), evaluated `reps` at a time."""
+    """Median seconds per call of fn() (an mx.array or list), `reps` independent calls in one mx.eval
+    (throughput: they may overlap on the GPU)."""
     mx.eval(fn())
     ts = []
     for _ in range(trials):
@@ -110,11 +129,11 @@ class DeviceError(RuntimeError):
     """A GPU fault: the device context is gone, nothing more can run in this process."""
 
 
-def _timed(row, key, fn, reps, trials, log):
-    """row[key + "_s"] = seconds per call of fn, or None and row[key + "_error"]; a fault that leaves
-    the device unusable (illegal address) raises DeviceError naming the method."""
+def _timed(row, key, fn, q, reps, trials, log):
+    """row[key + "_s"] = latency of fn(q), or None and row[key + "_error"]; a fault that leaves the
+    device unusable (illegal address) raises DeviceError naming the method."""
     try:
-        row[key + "_s"] = timeit(fn, reps, trials)
+        row[key + "_s"] = latency(fn, q, reps, trials)
         mx.synchronize()
     except Exception as e:
         row[key + "_s"] = None
@@ -124,7 +143,8 @@ def _timed(row, key, fn, reps, trials, log):
             raise DeviceError(f"{key}: {e}") from None
 
 
-def bench_attention(lengths, batches, bits=(2, 4), hq=32, h=8, d=128, reps=20, trials=5, log=print, deadline=None):
+def bench_attention(lengths, batches, bits=(2, 4), hq=32, h=8, d=128, reps=20, trials=5, log=print, deadline=None,
+                    baselines=True):  # fmt: skip
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     rows = []
@@ -140,21 +160,22 @@ def bench_attention(lengths, batches, bits=(2, 4), hq=32, h=8, d=128, reps=20, t
             mx.eval(q, k, v)
             row = dict(batch=b, tokens=t)
             rows.append(row)
-            _timed(row, "fp16_sdpa", lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), reps, trials, log)
+            _timed(row, "fp16_sdpa", lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=scale), q, reps, trials, log)
             row["fp16_bytes"] = 2 * k.nbytes
-            for nb in bits:
+            for nb in bits if baselines else ():
                 qk, qv = mx.quantize(k, group_size=64, bits=nb), mx.quantize(v, group_size=64, bits=nb)
                 mx.eval(qk, qv)
                 _timed(row, f"mlxlm_q{nb}",
-                       lambda: quantized_scaled_dot_product_attention(q * 1, qk, qv, scale, None, group_size=64, bits=nb),
-                       reps, trials, log)  # fmt: skip
+                       lambda x: quantized_scaled_dot_product_attention(x, qk, qv, scale, None, group_size=64, bits=nb),
+                       q, reps, trials, log)  # fmt: skip
                 del qk, qv
             del k, v
             for nb in bits:
                 c = make_cache(b, h, d, t, nb, nb)
                 row[f"pkv{nb}_bytes"] = pkv_bytes(c, b, h, d, c.k_bank.shape[2])
-                _timed(row, f"pkv{nb}_kernel", lambda: kernel_call(c, q, scale), reps, trials, log)
-                _timed(row, f"pkv{nb}_portable", lambda: portable_call(c, q, scale), max(2, reps // 4), 3, log)
+                _timed(row, f"pkv{nb}_kernel", lambda x: kernel_call(c, x, scale), q, reps, trials, log)
+                if baselines:
+                    _timed(row, f"pkv{nb}_portable", lambda x: portable_call(c, x, scale), q, max(2, reps // 4), 3, log)
                 del c
             log(json.dumps(row))
     return rows
@@ -165,15 +186,15 @@ def bench_overheads(log=print):
     k = mx.fast.cuda_kernel if kernels.backend() == "cuda" else mx.fast.metal_kernel
     empty = k(name="pkv_empty", input_names=["a"], output_names=["o"], source="if (a[0] > 1e30f) { o[0] = a[0]; }")
     a = mx.zeros((16,))
-    res = {"empty_kernel": timeit(lambda: empty(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-                                                output_shapes=[(1,)], output_dtypes=[mx.float32])[0], 50, 5)}  # fmt: skip
+    res = {"empty_kernel": latency(lambda x: empty(inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                                                   output_shapes=[(16,)], output_dtypes=[mx.float32])[0], a, 50, 5)}  # fmt: skip
     q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
     kv = mx.random.normal((1, 8, 256, 128)).astype(mx.float16)
-    res["fp16_sdpa_256_tokens"] = timeit(lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.1), 50, 5)
+    res["fp16_sdpa_256_tokens"] = latency(lambda x: mx.fast.scaled_dot_product_attention(x, kv, kv, scale=0.1), q, 50, 5)
     c = make_cache(1, 8, 128, 256, 2, 2)
-    res["pkv2_256_tokens"] = timeit(lambda: kernel_call(c, q, 0.1), 50, 5)
+    res["pkv2_256_tokens"] = latency(lambda x: kernel_call(c, x, 0.1), q, 50, 5)
     c.k_bank = c.k_idx = None
-    res["pkv2_256_tokens_no_kpatterns"] = timeit(lambda: kernel_call(c, q, 0.1), 50, 5)
+    res["pkv2_256_tokens_no_kpatterns"] = latency(lambda x: kernel_call(c, x, 0.1), q, 50, 5)
     log(json.dumps({"overheads": res}))
     return res
 
@@ -182,9 +203,9 @@ def bench_splits(t, b, split_list, bits=2, hq=32, h=8, d=128, log=print):
     """Kernel time against the tokens per split (the default is split_tokens=None)."""
     c = make_cache(b, h, d, t, bits, bits)
     q = mx.random.normal((b, hq, 1, d)).astype(mx.float16)
-    out = {"default": timeit(lambda: kernel_call(c, q, d**-0.5))}
+    out = {"default": latency(lambda x: kernel_call(c, x, d**-0.5), q)}
     for st in split_list:
-        out[str(st)] = timeit(lambda: kernel_call(c, q, d**-0.5, st))
+        out[str(st)] = latency(lambda x: kernel_call(c, x, d**-0.5, st), q)
     res = dict(tokens=t, batch=b, times=out)
     log(json.dumps({"split_sweep": res}))
     return res
@@ -208,17 +229,25 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--json", default=None)
+    p.add_argument("--no-baselines", action="store_true", help="FP16 SDPA and our kernel only")
+    p.add_argument("--sweep", nargs="*", default=[], metavar="TOKENS:BATCH",
+                   help="also time the kernel against the tokens per split at these sizes")
+    p.add_argument("--splits", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     a = p.parse_args()
     if kernels.backend() is None:
         raise SystemExit("no GPU back-end: the fused kernels cannot run here")
     bw = copy_bandwidth()
-    rows = bench_attention(a.lengths, a.batches)
+    rows = bench_attention(a.lengths, a.batches, baselines=not a.no_baselines)
+    sweeps = []
+    for tb in a.sweep:
+        t, b = (int(v) for v in tb.split(":"))
+        sweeps.append(bench_splits(t, b, [s for s in a.splits if s * 2 <= t]))
     print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     for r in rows:
         print(r)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(copy_bandwidth=bw, rows=rows), fh, indent=1)
+            json.dump(dict(copy_bandwidth=bw, rows=rows, split_sweeps=sweeps), fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ _DIR = Path(__file__).parent / "metal"
 NT_MERGE = 256  # threads per threadgroup of the merge
 NT_FLUSH = {"metal": 512, "cuda": 512}  # threads per threadgroup of the flush kernel (1024 was slower)
 MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge holds 256 weights per head
-# Default split size: about TARGET_GROUPS split threadgroups per step, and at least MIN_SPLIT tokens a
-# split. Every threadgroup first builds its own q . P_k table, so fewer, longer splits win: the H200
-# sweep (docs/RESULTS.md; 32q/8kv heads, D 128) was fastest at 2048-8192 tokens a split for batch 1
-# and 4096-32768 for batch 8, i.e. about 128-256 threadgroups.
-TARGET_GROUPS = 128
-MIN_SPLIT = 2048
+# Default split size: SPLITS_PER_HEAD splits per (sequence, KV head), at least MIN_SPLIT tokens each.
+# From an H200 sweep of one decode step's latency (docs/RESULTS.md; 32 query / 8 KV heads, head_dim
+# 128): the best split was 512 tokens up to 16K tokens and about 1/64 of the context beyond, at batch
+# 1 and 8 alike; shorter splits lose to each threadgroup's fixed costs, longer ones leave the GPU idle.
+SPLITS_PER_HEAD = 64
+MIN_SPLIT = 512
+TG_BYTES = 32768  # threadgroup memory of one threadgroup (Apple GPUs' limit; CUDA allows 48 KB)
 CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
 NO_PATTERN = 255
 
@@ -40,12 +41,13 @@ NO_PATTERN = 255
 _KERNELS = {
     "decode_split": (
         [
-            "q", "k_bank", "k_idx", "k_codes", "k_scales", "k_mins", "v_bank", "v_idx", "v_codes",
+            "q", "tab", "k_idx", "k_codes", "k_scales", "k_mins", "v_bank", "v_idx", "v_codes",
             "v_scales", "v_mins", "k_win", "v_win", "k_new", "v_new", "prm",
         ],
-        ["o_part", "ml_part"],
+        ["o_part", "ml_part", "hist_part"],
     ),  # fmt: skip
-    "decode_merge": (["o_part", "ml_part", "prm"], ["out"]),
+    "decode_merge": (["o_part", "ml_part", "hist_part", "v_bank", "prm"], ["out"]),
+    "qk_table": (["q", "k_bank", "prm"], ["tab"]),
     "flush": (["x", "bank", "prm"], ["idx", "codes", "scales", "mins", "centers"]),
 }
 
@@ -176,19 +178,24 @@ def decode_attention(
     )  # fmt: skip
 
 
-def _split_geometry(d: int, r: int, k_bits: int):
-    """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NWARP and TILE)."""
-    nwarp = 2 if d * r >= 2048 else 4
+def _split_geometry(d: int, r: int, k_bits: int, kpat: bool, vpat: bool):
+    """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NW and TILE): as many
+    SIMD groups (4, 2 or 1) as fit the threadgroup memory in TG_BYTES, the smallest budget (Metal's)."""
     tile = 32 * (4 if k_bits == 8 or r > 4 else 8)
+    for nwarp in (4, 2, 1):
+        work = max(nwarp * tile * r + (nwarp * r * 256 if vpat else 0), r * d)  # probabilities, histograms
+        floats = d * r + (r * 256 if kpat else 1) + work + nwarp * 2 * r  # q, table, work, states
+        if 4 * floats <= TG_BYTES:
+            break
     return nwarp, tile
 
 
-def _split_size(nq_max: int, bh: int, nwarp: int, tile: int, split_tokens) -> int:
+def _split_size(nq_max: int, nwarp: int, tile: int, split_tokens) -> int:
     """Quantized tokens per split: a whole number of tiles, a multiple of `nwarp` tiles when the
     default picks it (every SIMD group busy)."""
     if split_tokens is None:
         chunk = nwarp * tile
-        split_tokens = -(-max(MIN_SPLIT, -(-nq_max * bh // TARGET_GROUPS)) // chunk) * chunk
+        split_tokens = -(-max(MIN_SPLIT, -(-nq_max // SPLITS_PER_HEAD)) // chunk) * chunk
     st = max(int(split_tokens), -(-nq_max // MAX_SPLITS), tile)
     return -(-st // tile) * tile
 
@@ -234,8 +241,8 @@ def _decode_attention(
             raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    nwarp, tile = _split_geometry(d, r, k_bits)
-    st = _split_size(nq_max, b * h, nwarp, tile, split_tokens) if nq_max else tile
+    nwarp, tile = _split_geometry(d, r, k_bits, kpat, vpat)
+    st = _split_size(nq_max, nwarp, tile, split_tokens) if nq_max else tile
     nsq = -(-nq_max // st)
     ns = nsq + 1
     mkc = k_bank.shape[2] if kpat else 0
@@ -247,9 +254,14 @@ def _decode_attention(
     prm = mx.array([h, tcap, w, ln, st, nsq, mkc, mvc, sbits] + [v for pair in zip(nq, nw) for v in pair], mx.int32)
     quant = nq_max > 0
     u8, u32 = mx.uint8, mx.uint32
+    if kpat:
+        (tab,) = _launch(
+            be, "qk_table", [q, k_bank, prm], [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r)],
+            (256 * -(-mkc // 8), h, b), (256, 1, 1), [(b, h, r, mkc)], [mx.float32], float("nan"),
+        )  # fmt: skip
     inputs = [
         q,
-        k_bank if kpat else _dummy(cdt),
+        tab if kpat else _dummy(mx.float32),
         k_idx if kpat else _dummy(u8),
         k_codes if quant else _dummy(u32),
         k_scales if quant else _dummy(cdt),
@@ -263,18 +275,20 @@ def _decode_attention(
         v_win if v_win is not None else _dummy(cdt),
         k_new, v_new, prm,
     ]  # fmt: skip
-    for a in [inputs[1], *inputs[4:7], *inputs[9:13]]:
+    for a in [k_bank if kpat else inputs[4], *inputs[4:7], *inputs[9:13]]:
         if a.dtype != cdt:
             raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
     nt = 32 * nwarp
-    o_part, ml_part = _launch(
+    hshape = (b, h, ns, r, mvc) if vpat else (1,)
+    o_part, ml_part, hist_part = _launch(
         be, "decode_split", inputs,
         [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
-         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat)],
-        (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2)], [mx.float32] * 2, float("nan"),
+         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("NW", nwarp)],
+        (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2), hshape], [mx.float32] * 3, float("nan"),
     )  # fmt: skip
     (out,) = _launch(
-        be, "decode_merge", [o_part, ml_part, prm], [("QT", q.dtype), ("D", d), ("R", r)],
+        be, "decode_merge", [o_part, ml_part, hist_part, inputs[6], prm],
+        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("VPAT", vpat)],
         (NT_MERGE * r, h, b), (NT_MERGE, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
     )  # fmt: skip
     return out

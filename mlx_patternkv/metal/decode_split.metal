@@ -1,17 +1,18 @@
 // Copyright © 2026 mlx-patternkv authors.
 // Kernel body: flash-decoding pass over the compressed cache, one query token per sequence.
 //
-// Grid (NT * (NSQ + 1), H, B), threadgroup (NT, 1, 1), NT = 32 * NWARP. Threadgroup (s, h, b) takes
+// Grid (NT * (NSQ + 1), H, B), threadgroup (NT, 1, 1), NT = 32 * NW. Threadgroup (s, h, b) takes
 // the R query heads of KV head h of sequence b together (GQA) and one split of the tokens: splits
 // s < NSQ cover the quantized tokens [s * ST, min((s + 1) * ST, n_quant[b])), split NSQ the dense
 // tokens (the FP16 window rows < n_win[b], then the LN new tokens). Inside a split, each SIMD group
 // walks its own tiles of TILE tokens with its own online softmax and no threadgroup barrier; the
 // SIMD groups' states are combined once at the end, and the split's partial state (running max m,
-// sum l, unnormalised output o) is written for decode_merge.metal.
+// sum l, unnormalised output o without the V patterns, histogram of the probabilities over the V
+// patterns) is written for decode_merge.metal.
 //
 // Inputs (whole cache buffers; lengths are data, never template values):
 //   q [B, Hq, 1, D] QT                        Hq = H * R, query head h * R + r uses KV head h
-//   k_bank [B, H, MKC, D] T                   K patterns (KPAT)
+//   tab [B, H, R, MKC] float                  q . K patterns (qk_table.metal; KPAT)
 //   k_idx [B, H, TCAP] uint8                  K pattern per quantized token
 //   k_codes [B, H, D, TCAP * KB / 32] uint32  K residual, per channel, packed along tokens
 //   k_scales, k_mins [B, H, D, TCAP / G] T
@@ -24,32 +25,44 @@
 //   prm int32 [9 + 2 B]                       H, TCAP, W, LN, ST, NSQ, MKC, MVC, bits of the float
 //                                             softmax scale * log2(e), then n_quant, n_win per sequence
 // Outputs:
-//   o_part [B, H, NSQ + 1, R, D] float, ml_part [B, H, NSQ + 1, R, 2] float (m in log2 units, l)
+//   o_part [B, H, NSQ + 1, R, D] float, ml_part [B, H, NSQ + 1, R, 2] float (m in log2 units, l),
+//   hist_part [B, H, NSQ + 1, R, MVC] float (VPAT; relative to the split's m, like o_part)
 // Template: QT, T, D (64/128/256), R (<= 8), KB, VB (2/3/4/8), G (tokens per K group: 32/64/128),
-// GV (V channel group), KPAT, VPAT (pattern banks present).
+// GV (V channel group), KPAT, VPAT (pattern banks present), NW (SIMD groups per threadgroup).
 //
-// Prologue: q into threadgroup memory, and the q-pattern score table tab[r][m] = q_r . P_k[m].
+// Prologue: q, and the q-pattern score table tab[r][m] = q_r . P_k[m] (qk_table.metal, once per step),
+// into threadgroup memory.
 // Per tile of a SIMD group:
 //  scores  lane l takes TPL consecutive tokens (dense split: tokens l, l + 32, ...) and loops over
 //          the channels: one load brings the lane's TPL K codes of a channel (the per-channel
-//          layout makes a SIMD group's loads contiguous); a code c becomes the float 1 + c / 2^KB
-//          with two integer operations (shift, mask-or into the mantissa of 1.0), so
+//          layout makes a SIMD group's loads contiguous; the next channels' loads are issued before
+//          this channel's arithmetic); a code c becomes the float 1 + c / 2^KB with two integer
+//          operations (shift, mask-or into the mantissa of 1.0), so
 //            q . (scale * c + min) = (q * scale * 2^KB) . (1 + c / 2^KB) - q * scale * 2^KB + q * min,
 //          the last two summed once per lane; plus the pattern score tab[r][k_idx];
-//  softmax online in fp32 per query head (the SIMD group's max), probabilities into threadgroup
-//          memory (this SIMD group's slice only; a SIMD-group barrier orders it);
+//  softmax online in fp32 per query head (the SIMD group's max); the lane that scored a token also
+//          adds its V terms that do not depend on the channel, p * (min - scale * 2^VB) per V group,
+//          and its probability into the SIMD group's histogram over the V patterns (threadgroup
+//          memory, rescaled with the running max); probabilities into threadgroup memory (a
+//          SIMD-group barrier orders them);
 //  values  lane l takes CPL = 8 channels of token l / LPT of each step (LPT = D / 8 lanes a token,
-//          TPS = 32 / LPT tokens a step); the V codes decode the same way, the min and the
-//          1 + c / 2^VB offset go into one per-lane sum, and a gated token adds its pattern row.
-constexpr int NWARP = (D * R >= 2048) ? 2 : 4;  // SIMD groups (kernels.py launches 32 * NWARP threads)
-constexpr int NT = 32 * NWARP;
+//          TPS = 32 / LPT tokens a step) and adds p * scale * 2^VB * (1 + c / 2^VB).
+// End: the SIMD groups' states are combined; the split writes its partial output, (m, l) and its V
+// pattern histogram; decode_merge.metal multiplies the merged histogram by the V bank once per head.
+// NW (SIMD groups) comes from kernels.py, which sizes it to 32 KB of threadgroup memory.
+constexpr int NT = 32 * NW;
 constexpr int TPL = (KB == 8 || R > 4) ? 4 : 8;  // tokens per lane in the score phase
 constexpr int TILE = 32 * TPL;                     // tokens per tile
+constexpr int KU = 8;                              // K channels per step of the score loop
+constexpr int VU = 8;                              // tokens per lane per step of the value loop
 constexpr int CPL = 8;                             // V channels per lane
 constexpr int LPT = D / CPL;                       // lanes per token in the value phase
 constexpr int TPS = 32 / LPT;                      // tokens per value step
 constexpr int NGV = D / GV;                        // V channel groups per token
-constexpr int MB = 256;                            // table columns per head (indices are uint8)
+constexpr int MB = 256;                            // table columns / histogram bins per head (uint8 indices)
+constexpr int PB = NW * TILE * R;                  // probabilities [warp][token of the tile][r]
+constexpr int HB = VPAT ? NW * R * MB : 0;         // histograms [warp][r][bin]
+constexpr int WB = PB + HB > R * D ? PB + HB : R * D;  // at the end: o [r][d]
 constexpr uint KMASK = (1u << KB) - 1u;
 constexpr uint VMASK = (1u << VB) - 1u;
 constexpr float KSCALE = float(1u << KB);
@@ -57,8 +70,8 @@ constexpr float VSCALE = float(1u << VB);
 
 PKV_SHARED float q_sh[D * R];                     // [d][r]
 PKV_SHARED float tab_sh[KPAT ? R * MB : 1];       // [r][m]
-PKV_SHARED float p_sh[NWARP * TILE * R];          // [warp][token of the tile][r]; o at the end
-PKV_SHARED float st_sh[NWARP * 2 * R];            // [warp][m, l][r]
+PKV_SHARED float work_sh[WB];
+PKV_SHARED float st_sh[NW * 2 * R];               // [warp][m, l][r]
 
 const int tid = int(thread_position_in_threadgroup.x);
 const int lane = int(thread_index_in_simdgroup);
@@ -93,49 +106,44 @@ const int WV = D * VB / 32;     // words per V token row
 const int NGK = TCAP / G;       // K groups per channel row
 const int c0 = (lane % LPT) * CPL;  // first channel of this lane in the value phase
 const int tsub = lane / LPT;        // token of this lane in a value step
+PKV_TG float* pw = work_sh + warp * TILE * R;
+PKV_TG float* hw = work_sh + PB + (VPAT ? warp * R * MB : 0);
 
-// ---- prologue: q, and the pattern score table
+// ---- prologue: q, the pattern score table, empty histograms
 for (int i = tid; i < D * R; i += NT) {
   const int r = i / D;
   const int d = i % D;
   q_sh[d * R + r] = static_cast<float>(q[(bh * R + r) * D + d]);
 }
+for (int i = tid; i < HB; i += NT) {
+  work_sh[PB + i] = 0.0f;
+}
 PKV_BARRIER();
 if (KPAT && !dense) {
-  for (int m = tid; m < MKC; m += NT) {
-    float a[R];
-    for (int r = 0; r < R; ++r) {
-      a[r] = 0.0f;
-    }
-    for (int d = 0; d < D; ++d) {
-      const float x = static_cast<float>(k_bank[(bh * MKC + m) * D + d]);
-      for (int r = 0; r < R; ++r) {
-        a[r] += q_sh[d * R + r] * x;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      tab_sh[r * MB + m] = a[r];
-    }
+  for (int i = tid; i < R * MKC; i += NT) {
+    tab_sh[(i / MKC) * MB + i % MKC] = tab[bh * R * MKC + i];
   }
   PKV_BARRIER();
 }
 
 // ---- this SIMD group's tiles
-float m_run[R];    // running max (log2 units), uniform over the SIMD group
-float l_run[R];    // running sum, this lane's tokens
-float am[R];       // per-lane sum added to each of the lane's channels (V min and 1.0 offsets)
-float acc[CPL][R]; // unnormalised output, channels c0 .. c0 + CPL - 1
+float m_run[R];      // running max (log2 units), uniform over the SIMD group
+float l_run[R];      // running sum, this lane's tokens
+float am[NGV][R];    // sum over this lane's scored tokens of p * (min - scale * 2^VB), per V group
+float acc[CPL][R];   // unnormalised output, channels c0 .. c0 + CPL - 1
 for (int r = 0; r < R; ++r) {
   m_run[r] = PKV_NEG;
   l_run[r] = 0.0f;
-  am[r] = 0.0f;
+  for (int g = 0; g < NGV; ++g) {
+    am[g][r] = 0.0f;
+  }
   for (int c = 0; c < CPL; ++c) {
     acc[c][r] = 0.0f;
   }
 }
-PKV_TG float* pw = p_sh + warp * TILE * R;
 
-for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
+const int TS = dense ? 32 : TILE;  // tokens per tile (the dense split: one token a lane)
+for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
   // ---- scores of this lane's TPL tokens
   float s[TPL][R];
   for (int j = 0; j < TPL; ++j) {
@@ -143,9 +151,9 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
       s[j][r] = 0.0f;
     }
   }
-  int nv = 0;  // valid tokens of this lane (quantized: the first nv of its TPL)
+  const int tl0 = tile + lane * TPL;  // quantized split: this lane's first token
+  int nv = 0;                         // valid tokens of this lane (quantized: the first nv of its TPL)
   if (!dense) {
-    const int tl0 = tile + lane * TPL;
     nv = pkv_imax(0, pkv_imin(TPL, t_end - tl0));
     if (nv > 0) {
       const int grp = tl0 / G;
@@ -158,16 +166,27 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
       const PKV_DEVICE uint* kc = k_codes + bh * D * WK;
       const int kg = bh * D * NGK + grp;
       const uint kbit = uint(tl0) * uint(KB);
-      for (int d0 = 0; d0 < D; d0 += 4) {
-        uint w[4];
-        float sc[4];
-        float mn[4];
-        PKV_UNROLL for (int u = 0; u < 4; ++u) {
-          w[u] = pkv_bits(kc + (d0 + u) * WK, kbit, uint(TPL * KB));
-          sc[u] = static_cast<float>(k_scales[kg + (d0 + u) * NGK]) * KSCALE;
-          mn[u] = static_cast<float>(k_mins[kg + (d0 + u) * NGK]);
+      const int kw0 = int(kbit >> 5);  // KB != 3: the lane's codes lie in one word of a channel row
+      const uint ksh = kbit & 31u;
+      uint w[KU];
+      float sc[KU];
+      float mn[KU];
+      PKV_UNROLL for (int u = 0; u < KU; ++u) {
+        w[u] = KB == 3 ? pkv_bits(kc + u * WK, kbit, uint(TPL * KB)) : kc[u * WK + kw0] >> ksh;
+        sc[u] = static_cast<float>(k_scales[kg + u * NGK]) * KSCALE;
+        mn[u] = static_cast<float>(k_mins[kg + u * NGK]);
+      }
+      for (int d0 = 0; d0 < D; d0 += KU) {
+        uint wn[KU];  // the next KU channels, loaded before this block's arithmetic
+        float scn[KU];
+        float mnn[KU];
+        const int dn = d0 + KU < D ? d0 + KU : d0;
+        PKV_UNROLL for (int u = 0; u < KU; ++u) {
+          wn[u] = KB == 3 ? pkv_bits(kc + (dn + u) * WK, kbit, uint(TPL * KB)) : kc[(dn + u) * WK + kw0] >> ksh;
+          scn[u] = static_cast<float>(k_scales[kg + (dn + u) * NGK]) * KSCALE;
+          mnn[u] = static_cast<float>(k_mins[kg + (dn + u) * NGK]);
         }
-        PKV_UNROLL for (int u = 0; u < 4; ++u) {
+        PKV_UNROLL for (int u = 0; u < KU; ++u) {
           float qs[R];
           for (int r = 0; r < R; ++r) {
             const float qd = q_sh[(d0 + u) * R + r];
@@ -182,6 +201,11 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
             }
           }
         }
+        PKV_UNROLL for (int u = 0; u < KU; ++u) {
+          w[u] = wn[u];
+          sc[u] = scn[u];
+          mn[u] = mnn[u];
+        }
       }
       for (int j = 0; j < TPL; ++j) {
         const int kid = KPAT ? int(k_idx[bh * TCAP + tl0 + j]) : 0;
@@ -194,68 +218,131 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
       }
     }
   } else {
-    for (int j = 0; j < TPL; ++j) {
-      const int t = tile + j * 32 + lane;
-      if (t < t_end) {
-        const bool win = t < nw;
-        for (int d = 0; d < D; ++d) {
-          const float x = win ? static_cast<float>(k_win[(bh * W + t) * D + d])
-                              : static_cast<float>(k_new[(bh * LN + t - nw) * D + d]);
-          for (int r = 0; r < R; ++r) {
-            s[j][r] += q_sh[d * R + r] * x;
-          }
+    const int t = tile + lane;
+    if (t < nw) {
+      PKV_UNROLL for (int d = 0; d < D; ++d) {
+        const float x = static_cast<float>(k_win[(bh * W + t) * D + d]);
+        for (int r = 0; r < R; ++r) {
+          s[0][r] += q_sh[d * R + r] * x;
+        }
+      }
+    } else if (t < t_end) {
+      PKV_UNROLL for (int d = 0; d < D; ++d) {
+        const float x = static_cast<float>(k_new[(bh * LN + t - nw) * D + d]);
+        for (int r = 0; r < R; ++r) {
+          s[0][r] += q_sh[d * R + r] * x;
         }
       }
     }
   }
 
-  // ---- online softmax: max over the SIMD group, probabilities of this lane's tokens
+  // ---- online softmax: max over the SIMD group, probabilities of this lane's tokens (into s)
+  float corr[R];
+  bool grew = false;  // uniform over the SIMD group
   for (int r = 0; r < R; ++r) {
     float mt = PKV_NEG;
     for (int j = 0; j < TPL; ++j) {
-      const bool valid = dense ? tile + j * 32 + lane < t_end : j < nv;
+      const bool valid = dense ? j == 0 && tile + lane < t_end : j < nv;
       s[j][r] = valid ? s[j][r] * sl2 : PKV_NEG;
       mt = pkv_fmax(mt, s[j][r]);
     }
     mt = pkv_simd_max(mt);
     const float m_new = pkv_fmax(m_run[r], mt);
-    const float corr = pkv_exp2(m_run[r] - m_new);
+    corr[r] = pkv_exp2(m_run[r] - m_new);
+    grew = grew || m_new > m_run[r];
     m_run[r] = m_new;
     float sum = 0.0f;
     for (int j = 0; j < TPL; ++j) {
       const float p = s[j][r] > 0.5f * PKV_NEG ? pkv_exp2(s[j][r] - m_new) : 0.0f;
-      pw[(dense ? j * 32 + lane : lane * TPL + j) * R + r] = p;
+      if (dense || NGV > 1) {  // one V group: the lane stores p * scale * 2^VB below
+        pw[(dense ? j * 32 + lane : lane * TPL + j) * R + r] = p;
+      }
+      s[j][r] = p;
       sum += p;
     }
-    l_run[r] = l_run[r] * corr + sum;
-    am[r] *= corr;
+    l_run[r] = l_run[r] * corr[r] + sum;
+    for (int g = 0; g < NGV; ++g) {
+      am[g][r] *= corr[r];
+    }
     for (int c = 0; c < CPL; ++c) {
-      acc[c][r] *= corr;
+      acc[c][r] *= corr[r];
+    }
+  }
+  if (!dense) {
+    if (VPAT && grew) {
+      for (int r = 0; r < R; ++r) {
+        for (int i = lane; i < MB; i += 32) {
+          hw[r * MB + i] *= corr[r];
+        }
+      }
+      PKV_SIMD_BARRIER();
+    }
+    for (int j = 0; j < nv; ++j) {
+      const int t = tl0 + j;
+      for (int g = 0; g < NGV; ++g) {
+        const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + g]) * VSCALE;
+        const float vm = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + g]);
+        for (int r = 0; r < R; ++r) {
+          am[g][r] += s[j][r] * (vm - vs);
+          if (NGV == 1) {
+            pw[(lane * TPL + j) * R + r] = s[j][r] * vs;
+          }
+        }
+      }
+      if (VPAT) {
+        const int vid = int(v_idx[bh * TCAP + t]);
+        if (vid != PKV_NO_PATTERN) {
+          for (int r = 0; r < R; ++r) {
+            pkv_atomic_add_tg(hw + r * MB + vid, s[j][r]);
+          }
+        }
+      }
     }
   }
   PKV_SIMD_BARRIER();
 
   // ---- values
-  const int t_stop = pkv_imin(TILE, t_end - tile);  // tokens of this tile (> 0)
+  const int t_stop = pkv_imin(TS, t_end - tile);  // tokens of this tile (> 0)
   if (!dense) {
     const int vg = c0 / GV;
-    for (int tt0 = 0; tt0 < t_stop; tt0 += 2 * TPS) {
-      PKV_UNROLL for (int u = 0; u < 2; ++u) {
+    const int vw0 = (c0 * VB) >> 5;  // VB != 3: the lane's codes start a word (VB 2: half a word)
+    const uint vsh = uint(c0 * VB) & 31u;
+    const PKV_DEVICE uint* vrow = v_codes + (bh * TCAP + tile) * WV;  // token tt of the tile: vrow + tt * WV
+    uint lo_n[VU];  // the next step's codes, loaded before this step's arithmetic
+    uint hi_n[VU];
+    PKV_UNROLL for (int u = 0; u < VU; ++u) {
+      const int tt = u * TPS + tsub;
+      const PKV_DEVICE uint* vc = vrow + (tt < t_stop ? tt : 0) * WV;
+      lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
+      hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
+    }
+    for (int tt0 = 0; tt0 < t_stop; tt0 += VU * TPS) {
+      uint lo_c[VU];
+      uint hi_c[VU];
+      PKV_UNROLL for (int u = 0; u < VU; ++u) {
+        lo_c[u] = lo_n[u];
+        hi_c[u] = hi_n[u];
+        const int tn = tt0 + VU * TPS + u * TPS + tsub;
+        const PKV_DEVICE uint* vc = vrow + (tn < t_stop ? tn : 0) * WV;
+        lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
+        hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
+      }
+      PKV_UNROLL for (int u = 0; u < VU; ++u) {
         const int tt = tt0 + u * TPS + tsub;
         if (tt < t_stop) {
           const int t = tile + tt;
-          const PKV_DEVICE uint* vc = v_codes + (bh * TCAP + t) * WV;
-          const uint lo = pkv_bits(vc, uint(c0 * VB), uint(CPL * VB > 32 ? 32 : CPL * VB));
-          const uint hi = CPL * VB > 32 ? pkv_bits(vc, uint(c0 * VB + 32), uint(CPL * VB - 32)) : 0u;
-          const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + vg]) * VSCALE;
-          const float vm = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + vg]);
-          const int vid = VPAT ? int(v_idx[bh * TCAP + t]) : PKV_NO_PATTERN;
-          float pr[R];
-          float pv[R];
-          for (int r = 0; r < R; ++r) {
-            pr[r] = pw[tt * R + r];
-            pv[r] = pr[r] * vs;
-            am[r] += pr[r] * vm - pv[r];
+          const uint lo = lo_c[u];
+          const uint hi = hi_c[u];
+          float pv[R];  // p * scale * 2^VB
+          if (NGV == 1) {
+            for (int r = 0; r < R; ++r) {
+              pv[r] = pw[tt * R + r];
+            }
+          } else {
+            const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + vg]) * VSCALE;
+            for (int r = 0; r < R; ++r) {
+              pv[r] = pw[tt * R + r] * vs;
+            }
           }
           PKV_UNROLL for (int c = 0; c < CPL; ++c) {
             const float f = pkv_unit(c * VB < 32 ? lo : hi, (c * VB) % 32, VB);
@@ -263,27 +350,21 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
               acc[c][r] += pv[r] * f;
             }
           }
-          if (VPAT && vid != PKV_NO_PATTERN) {
-            const PKV_DEVICE T* row = v_bank + (bh * MVC + vid) * D + c0;
-            PKV_UNROLL for (int c = 0; c < CPL; ++c) {
-              const float x = static_cast<float>(row[c]);
-              for (int r = 0; r < R; ++r) {
-                acc[c][r] += pr[r] * x;
-              }
-            }
-          }
         }
       }
     }
   } else {
-    for (int tt = tsub; tt < t_stop; tt += TPS) {
+    PKV_UNROLL for (int k = 0; k < 32 / TPS; ++k) {
+      const int tt = k * TPS + tsub;
       const int t = tile + tt;
-      const bool win = t < nw;
-      for (int c = 0; c < CPL; ++c) {
-        const float x = win ? static_cast<float>(v_win[(bh * W + t) * D + c0 + c])
-                            : static_cast<float>(v_new[(bh * LN + t - nw) * D + c0 + c]);
-        for (int r = 0; r < R; ++r) {
-          acc[c][r] += pw[tt * R + r] * x;
+      if (tt < t_stop) {
+        const bool win = t < nw;
+        for (int c = 0; c < CPL; ++c) {
+          const float x = win ? static_cast<float>(v_win[(bh * W + t) * D + c0 + c])
+                              : static_cast<float>(v_new[(bh * LN + t - nw) * D + c0 + c]);
+          for (int r = 0; r < R; ++r) {
+            acc[c][r] += pw[tt * R + r] * x;
+          }
         }
       }
     }
@@ -291,13 +372,15 @@ for (int tile = t_begin + warp * TILE; tile < t_end; tile += NWARP * TILE) {
   PKV_SIMD_BARRIER();
 }
 
-// ---- combine: the lanes of a channel slice, then the SIMD groups
+// ---- combine: the lanes of a channel slice (am: the whole SIMD group), then the SIMD groups
 for (int r = 0; r < R; ++r) {
   for (int off = LPT; off < 32; off <<= 1) {
-    am[r] += pkv_shfl_xor(am[r], ushort(off));
     for (int c = 0; c < CPL; ++c) {
       acc[c][r] += pkv_shfl_xor(acc[c][r], ushort(off));
     }
+  }
+  for (int g = 0; g < NGV; ++g) {
+    am[g][r] = pkv_simd_sum(am[g][r]);
   }
   l_run[r] = pkv_simd_sum(l_run[r]);
 }
@@ -312,29 +395,50 @@ float m_all[R];
 float l_all[R];
 for (int r = 0; r < R; ++r) {
   m_all[r] = PKV_NEG;
-  for (int w2 = 0; w2 < NWARP; ++w2) {
+  for (int w2 = 0; w2 < NW; ++w2) {
     m_all[r] = pkv_fmax(m_all[r], st_sh[w2 * 2 * R + r]);
   }
   l_all[r] = 0.0f;
-  for (int w2 = 0; w2 < NWARP; ++w2) {
+  for (int w2 = 0; w2 < NW; ++w2) {
     l_all[r] += st_sh[w2 * 2 * R + R + r] * pkv_exp2(st_sh[w2 * 2 * R + r] - m_all[r]);
   }
 }
-for (int w2 = 0; w2 < NWARP; ++w2) {  // o into p_sh as [r][d], one SIMD group after another
+const int ps = bh * NS + split;
+if (VPAT) {  // the SIMD groups' histograms, rescaled to the split's max
+  for (int i = tid; i < R * MVC; i += NT) {
+    const int r = i / MVC;
+    const int bin = i % MVC;
+    float mr = PKV_NEG;
+    for (int w2 = 0; w2 < NW; ++w2) {
+      mr = pkv_fmax(mr, st_sh[w2 * 2 * R + r]);
+    }
+    float v = 0.0f;
+    for (int w2 = 0; w2 < NW; ++w2) {
+      v += work_sh[PB + (w2 * R + r) * MB + bin] * pkv_exp2(st_sh[w2 * 2 * R + r] - mr);
+    }
+    hist_part[ps * R * MVC + i] = v;
+  }
+  PKV_BARRIER();
+}
+const int vg = c0 / GV;
+for (int w2 = 0; w2 < NW; ++w2) {  // o into work_sh as [r][d], one SIMD group after another
   if (warp == w2 && lane < LPT) {
     for (int r = 0; r < R; ++r) {
+      float a = 0.0f;  // am of this lane's V group (a select: no register array indexed at run time)
+      for (int g = 0; g < NGV; ++g) {
+        a = g == vg ? am[g][r] : a;
+      }
       const float f = pkv_exp2(m_run[r] - m_all[r]);
       for (int c = 0; c < CPL; ++c) {
-        const float v = (acc[c][r] + am[r]) * f;
-        p_sh[r * D + c0 + c] = w2 == 0 ? v : p_sh[r * D + c0 + c] + v;
+        const float v = (acc[c][r] + a) * f;
+        work_sh[r * D + c0 + c] = w2 == 0 ? v : work_sh[r * D + c0 + c] + v;
       }
     }
   }
   PKV_BARRIER();
 }
-const int ps = bh * NS + split;
 for (int i = tid; i < R * D; i += NT) {
-  o_part[ps * R * D + i] = p_sh[i];
+  o_part[ps * R * D + i] = work_sh[i];
 }
 if (tid < R) {
   ml_part[(ps * R + tid) * 2] = m_all[tid];
