@@ -150,8 +150,8 @@ def decode_attention(
     q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
     k_win, v_win, n_quant, n_win, k_new, v_new, scale, *, k_bits, v_bits, group_size, split_tokens=None,
 ):  # fmt: skip
-    """Attention of one query token per sequence over a PatternKV cache, in two fused launches (split
-    pass, merge). Never rebuilds K or V.
+    """Attention of one query token per sequence over a PatternKV cache, in three fused launches
+    (q . P_k table, split pass, merge). Never rebuilds K or V.
 
     q: [B, Hq, 1, D] (the model's dtype). Cache fields as in docs/DESIGN.md, whole buffers (never
     sliced): k_bank [B, H, Mk, D] or None (K patterns off), k_idx [B, H, Tcap] uint8 or None,
