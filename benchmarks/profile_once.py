@@ -1,5 +1,9 @@
 # Copyright © 2026 mlx-patternkv authors.
-"""Decode-attention calls for a profiler (ncu): python benchmarks/profile_once.py TOKENS BATCH BITS [SPLIT]"""
+"""Decode-attention calls for a profiler (ncu), untimed: python benchmarks/profile_once.py TOKENS BATCH BITS [SPLIT [dense]]
+("dense": nothing quantized, only the FP16 window and the new token).
+
+    ncu --kernel-name regex:pkv_decode --launch-skip 3 --launch-count 3 python benchmarks/profile_once.py 65536 1 2
+"""
 import os
 import sys
 

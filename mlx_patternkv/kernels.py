@@ -224,8 +224,8 @@ def _decode_attention(
     if nq_max > tcap:
         raise ValueError(f"n_quant {nq_max} exceeds the quantized capacity {tcap}")
     gv = g if v_scales is None else d // v_scales.shape[-1]
-    kpat = k_bank is not None and k_idx is not None and nq_max > 0
-    vpat = v_bank is not None and v_idx is not None and nq_max > 0
+    kpat = k_bank is not None and k_idx is not None and nq_max > 0 and k_bank.shape[2] > 0
+    vpat = v_bank is not None and v_idx is not None and nq_max > 0 and v_bank.shape[2] > 0
     if nq_max > 0:
         want = {
             "k_codes": (k_codes, (b, h, d, tcap * k_bits // 32)),

@@ -622,6 +622,20 @@ def test_metal_emulated_decode_matches_reference(emulated, d, r, kb, vb, g, nq, 
     assert emulated.count("decode_split") == 1
 
 
+def test_metal_emulated_decode_with_empty_banks(emulated):
+    """Banks with no rows (indices present) attend like no patterns at all, without a table launch."""
+    rng = np.random.default_rng(11)
+    nq, nw = [300, 130], [5, 0]
+    c = random_cache(rng, 2, 2, 4, 64, 2, 2, 128, 384, 128, 1, 32, 32, nq, k_pat=True, v_pat=True)
+    c.k_bank = c.k_bank[:, :, :0]
+    c.v_bank = c.v_bank[:, :, :0]
+    got = f32(run_decode("metal", c, nq, nw, 0.125)).astype(np.float64)
+    c.k_bank = c.v_bank = None
+    want = ref_decode(c, nq, nw, 0.125)
+    np.testing.assert_allclose(got, want, atol=3e-3 * np.abs(want).max(), rtol=0)
+    assert "qk_table" not in emulated
+
+
 def test_metal_emulated_decode_matches_portable_path(emulated):
     """Kernel == attention.compressed_attention on the same cache fields (one length for all)."""
     from mlx_patternkv.attention import compressed_attention
