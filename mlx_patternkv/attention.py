@@ -34,6 +34,7 @@ def compressed_attention(queries, cache, scale: float, mask=None, sinks=None):
     b, hq, n_q, _ = queries.shape
     if cache.n_quant == 0 or hq // k_new.shape[1] * n_q > COMPRESSED_ROWS:
         keys, values = cache._fetched or cache.keys_and_values()  # [B, H, offset, D], lazy
+        cache._qdense = None  # evaluated below: not kept beyond this step (cache.py: _dense)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     cfg = cache.config
     d = queries.shape[-1]

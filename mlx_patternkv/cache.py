@@ -59,6 +59,9 @@ class PatternKVCache(_BaseCache):
         self.k_win = self.v_win = None
         self.pending = None  # (keys, values) [B, H, L, D] of the last update, not yet committed
         self._fetched = None  # the lazy dense (keys, values) returned by the last update
+        # (n_quant, dtype, k, v): the lazy dequantized quantized tokens of one-token updates, built
+        # once per flush instead of once per decode step (building the graph costs host time)
+        self._qdense = None
 
     # ------------------------------------------------------------------ mlx-lm cache protocol
     def update_and_fetch(self, keys, values):
@@ -77,7 +80,7 @@ class PatternKVCache(_BaseCache):
         self.pending = (keys, values)
         self.dtype = keys.dtype
         self.offset += keys.shape[2]
-        self._fetched = self._dense(keys.dtype)
+        self._fetched = self._dense(keys.dtype, reuse=keys.shape[2] == 1)
         return self._fetched
 
     def fetched(self, keys, values) -> bool:
@@ -106,6 +109,7 @@ class PatternKVCache(_BaseCache):
         dropped blocks leave the banks, so the cache equals one that never saw the dropped tokens,
         up to those tokens' quantization."""
         self._commit()
+        self._qdense = None
         n = max(0, min(n, self.offset))
         keep = self.offset - n
         self.offset = keep
@@ -256,15 +260,26 @@ class PatternKVCache(_BaseCache):
         new = PatternKVCache.__new__(PatternKVCache)
         for k, v in self.__dict__.items():
             new.__dict__[k] = mx.array(v) if isinstance(v, mx.array) else v
-        new._fetched = None
+        new._fetched = new._qdense = None
         return new
 
     # ------------------------------------------------------------------ storage internals
-    def _dense(self, dtype):
-        """Lazy dense K/V of every token (quantized part dequantized), [B, H, offset, D]."""
+    def _dense(self, dtype, reuse=False):
+        """Lazy dense K/V of every token (quantized part dequantized), [B, H, offset, D]. reuse: take
+        the quantized part from (and keep it in) self._qdense while no flush changed it. Only
+        one-token updates reuse, and attention.compressed_attention drops the memo when it attends
+        over the dense K/V: an evaluated copy kept until the next flush would hold the whole history
+        in full precision. (A model whose attention bypasses mlx-lm's scaled_dot_product_attention
+        evaluates it every step anyway; for it the copy stays between steps.)"""
         ks, vs = [], []
         if self.n_quant:
-            k, v = self._dequant(0, self.n_quant, dtype)
+            memo = self._qdense
+            if reuse and memo is not None and memo[0] == self.n_quant and memo[1] == dtype:
+                k, v = memo[2], memo[3]
+            else:
+                k, v = self._dequant(0, self.n_quant, dtype)
+                if reuse:
+                    self._qdense = (self.n_quant, dtype, k, v)
             ks.append(k)
             vs.append(v)
         if self.n_win:
@@ -341,6 +356,7 @@ class PatternKVCache(_BaseCache):
         a kernel variant since reverted; docs/DESIGN.md).
         Both give bit-identical storage."""
         cfg = self.config
+        self._qdense = None
         b, h, t, d = fk.shape
         dv = fv.shape[-1]
         rows = b * h

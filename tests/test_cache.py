@@ -87,17 +87,28 @@ def test_cache_matches_reference(name):
         return lambda t, k: np.array(kmeans_init(B * H, t, min(k, t), cfg.seed))[b * H + h]
 
     heads = [[ref.RefHead(cfg, init_fn(b, h)) for h in range(H)] for b in range(B)]
+    memo = None
     for n in chunks:
         k, v = fresh_kv(rng, n)
         q = rng.standard_normal((B, H * R, n, D)).astype(np.float32)
         # dense attention over the reference's cache plus the exact new tokens
         want = np.zeros((B, H * R, n, D))
+        dense = []
         for b in range(B):
             ks, vs = zip(*(heads[b][h].dense() for h in range(H)))
             kk = np.stack([np.concatenate([ks[h].reshape(-1, D), k[b, h]]) for h in range(H)])
             vv = np.stack([np.concatenate([vs[h].reshape(-1, D), v[b, h]]) for h in range(H)])
             want[b] = ref.attention(q[b], kk, vv, D**-0.5)
-        cache.update_and_fetch(mx.array(k), mx.array(v))
+            dense.append((kk, vv))
+        fk, fv = cache.update_and_fetch(mx.array(k), mx.array(v))
+        # the returned dense K/V (one-token updates reuse the dequantized part until a flush)
+        np.testing.assert_allclose(np.array(fk), np.stack([d[0] for d in dense]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(fv), np.stack([d[1] for d in dense]), rtol=1e-5, atol=1e-5)
+        if n == 1 and cache.n_quant:
+            assert cache._qdense is not None
+            if memo is not None and memo[0] == cache.n_quant:
+                assert cache._qdense[2] is memo[2]  # no flush since the last step: reused
+            memo = cache._qdense
         got = compressed_attention(mx.array(q), cache, D**-0.5, "causal" if n > 1 else None)
         np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=2e-5)
         for b in range(B):
