@@ -275,11 +275,11 @@ def _decode_attention(
         v_win if v_win is not None else _dummy(cdt),
         k_new, v_new, prm,
     ]  # fmt: skip
-    for a in [k_bank if kpat else inputs[4], *inputs[4:7], *inputs[9:13]]:
+    for a in [*([k_bank] if kpat else []), *inputs[4:7], *inputs[9:13]]:
         if a.dtype != cdt:
             raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
     nt = 32 * nwarp
-    hshape = (b, h, ns, r, mvc) if vpat else (1,)
+    hshape = (b, h, ns, r, mvc) if vpat else _dummy(mx.float32).shape  # unused without V patterns
     o_part, ml_part, hist_part = _launch(
         be, "decode_split", inputs,
         [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),

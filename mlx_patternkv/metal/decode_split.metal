@@ -63,8 +63,6 @@ constexpr int MB = 256;                            // table columns / histogram 
 constexpr int PB = NW * TILE * R;                  // probabilities [warp][token of the tile][r]
 constexpr int HB = VPAT ? NW * R * MB : 0;         // histograms [warp][r][bin]
 constexpr int WB = PB + HB > R * D ? PB + HB : R * D;  // at the end: o [r][d]
-constexpr uint KMASK = (1u << KB) - 1u;
-constexpr uint VMASK = (1u << VB) - 1u;
 constexpr float KSCALE = float(1u << KB);
 constexpr float VSCALE = float(1u << VB);
 
