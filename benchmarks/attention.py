@@ -230,24 +230,17 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--json", default=None)
     p.add_argument("--no-baselines", action="store_true", help="FP16 SDPA and our kernel only")
-    p.add_argument("--sweep", nargs="*", default=[], metavar="TOKENS:BATCH",
-                   help="also time the kernel against the tokens per split at these sizes")
-    p.add_argument("--splits", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     a = p.parse_args()
     if kernels.backend() is None:
         raise SystemExit("no GPU back-end: the fused kernels cannot run here")
     bw = copy_bandwidth()
     rows = bench_attention(a.lengths, a.batches, baselines=not a.no_baselines)
-    sweeps = []
-    for tb in a.sweep:
-        t, b = (int(v) for v in tb.split(":"))
-        sweeps.append(bench_splits(t, b, [s for s in a.splits if s * 2 <= t]))
     print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     for r in rows:
         print(r)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(copy_bandwidth=bw, rows=rows, split_sweeps=sweeps), fh, indent=1)
+            json.dump(dict(copy_bandwidth=bw, rows=rows), fh, indent=1)
 
 
 if __name__ == "__main__":
