@@ -103,11 +103,11 @@ def make_cache(b, h, d, t, kb, vb, g=128, window=128, n_pat=255, dtype=mx.float1
     return c
 
 
-def kernel_call(c, q, scale, split_tokens=None):
+def kernel_call(c, q, scale, split_tokens=None, lane_tokens=None):
     return kernels.decode_attention(
         q, c.k_bank, c.k_idx, c.k_codes, c.k_scales, c.k_mins, c.v_bank, c.v_idx, c.v_codes, c.v_scales,
         c.v_mins, c.k_win, c.v_win, c.n_quant, c.n_win, c.k_new, c.v_new, scale,
-        k_bits=c.kb, v_bits=c.vb, group_size=c.group, split_tokens=split_tokens,
+        k_bits=c.kb, v_bits=c.vb, group_size=c.group, split_tokens=split_tokens, lane_tokens=lane_tokens,
     )  # fmt: skip
 
 
@@ -199,13 +199,15 @@ def bench_overheads(log=print):
     return res
 
 
-def bench_splits(t, b, split_list, bits=2, hq=32, h=8, d=128, log=print):
-    """Kernel time against the tokens per split (the default is split_tokens=None)."""
+def bench_splits(t, b, split_list, bits=2, hq=32, h=8, d=128, log=print, lane_list=(4, 8)):
+    """Kernel time against the tokens per split and per lane ("split/lane"; "default" is the
+    kernel's own choice of both)."""
     c = make_cache(b, h, d, t, bits, bits)
     q = mx.random.normal((b, hq, 1, d)).astype(mx.float16)
     out = {"default": latency(lambda x: kernel_call(c, x, d**-0.5), q)}
     for st in split_list:
-        out[str(st)] = latency(lambda x: kernel_call(c, x, d**-0.5, st), q)
+        for tpl in lane_list:
+            out[f"{st}/{tpl}"] = latency(lambda x: kernel_call(c, x, d**-0.5, st, tpl), q)
     res = dict(tokens=t, batch=b, times=out)
     log(json.dumps({"split_sweep": res}))
     return res

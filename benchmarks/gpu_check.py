@@ -95,7 +95,7 @@ def check_decode(quick, deadline=float("inf")):
     worst = 0.0
     for case in cases:
         d, r, kb, vb, g = case["d"], case["r"], case["kb"], case["vb"], case["g"]
-        for nq, nw, ln in lengths:
+        for (nq, nw, ln), tpl in [(lens, tpl) for lens in lengths for tpl in (4, 8)]:
             if time.time() > deadline:
                 if "decode checks stopped at the deadline" not in RESULT["errors"]:
                     RESULT["errors"].append("decode checks stopped at the deadline")
@@ -107,9 +107,9 @@ def check_decode(quick, deadline=float("inf")):
             c = random_cache(rng, b, h, r, d, kb, vb, g, tcap, 128, ln, 37, 33, nq, mx.float16, case["qdt"],
                              case["kp"], case["vp"], gv=cfg.v_group_size(d))  # fmt: skip
             scale = d**-0.5
-            rec = dict(case, qdt=str(case["qdt"]), nq=nq, nw=nw, ln=ln)
+            rec = dict(case, qdt=str(case["qdt"]), nq=nq, nw=nw, ln=ln, lane_tokens=tpl)
             try:
-                got = f32(run_decode(kernels.backend(), c, nq, nw, scale, None)).astype(np.float64)
+                got = f32(run_decode(kernels.backend(), c, nq, nw, scale, None, tpl)).astype(np.float64)
                 want = ref_decode(c, nq, nw, scale)
                 top = np.abs(want).max()
                 rec["err_ref"] = float(np.abs(got - want).max() / top)

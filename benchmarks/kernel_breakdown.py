@@ -2,7 +2,8 @@
 """Where the fused decode-attention kernel's time goes, on a GPU (latency of chained calls, as in
 benchmarks/attention.py: each call's output is the next call's query).
 
-  --sweep   latency against the tokens per split (default = kernels' rule), and FP16 SDPA beside it
+  --sweep   latency against the tokens per split and per lane ("split/lane"; default = kernels' rule),
+            and FP16 SDPA beside it
   --parts   latency with one part of the kernel removed at a time (the kernel source is edited in
             memory; the results are wrong, only the times mean something):
               no_values      the split pass's value loop over the quantized tokens
@@ -38,7 +39,7 @@ PARTS = {
     "no_hist_adds": ("decode_split.metal", "pkv_atomic_add_tg(hw + r * MB + vid, s[j][r]);", ""),
     "no_bank": ("decode_merge.metal", "if (VPAT) {\n  const PKV_DEVICE T* bank", "if (false) {\n  const PKV_DEVICE T* bank"),
 }  # fmt: skip
-SWEEP = [(4096, 1, [256, 512]), (16384, 1, [256, 512, 1024]), (65536, 1, [512, 1024, 2048]),
+SWEEP = [(4096, 1, [256, 512, 1024]), (16384, 1, [256, 512, 1024, 2048]), (65536, 1, [256, 512, 1024, 2048]),
          (131072, 1, [1024, 2048, 4096]), (16384, 8, [256, 512, 1024, 2048]), (65536, 8, [512, 1024, 2048, 4096])]  # fmt: skip
 
 

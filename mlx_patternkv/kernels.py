@@ -24,7 +24,7 @@ import mlx.core as mx
 
 _DIR = Path(__file__).parent / "metal"
 
-NT_MERGE = 256  # threads per threadgroup of the merge
+NT_MERGE = 512  # threads per threadgroup of the merge (decode_merge.metal's NT)
 NT_FLUSH = {"metal": 512, "cuda": 512}  # threads per threadgroup of the flush kernel (1024 was slower)
 MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge holds 256 weights per head
 # Default split size: SPLITS_PER_HEAD splits per (sequence, KV head), at least MIN_SPLIT tokens each.
@@ -33,6 +33,10 @@ MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge ho
 # 1 and 8 alike; shorter splits lose to each threadgroup's fixed costs, longer ones leave the GPU idle.
 SPLITS_PER_HEAD = 64
 MIN_SPLIT = 512
+# Tokens per lane in the score phase (decode_split.metal's TPL): 8 amortises a channel's loads over
+# more tokens, 4 halves the tokens a SIMD group walks through one after another, which is what counts
+# while the GPU has more room than work: below LONG_CONTEXT quantized tokens (H200 sweep, RESULTS.md).
+LONG_CONTEXT = 32768
 TG_BYTES = 32768  # threadgroup memory of one threadgroup (Apple GPUs' limit; CUDA allows 48 KB)
 CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
 NO_PATTERN = 255
@@ -149,6 +153,7 @@ def _lengths(n, b: int, what: str):
 def decode_attention(
     q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
     k_win, v_win, n_quant, n_win, k_new, v_new, scale, *, k_bits, v_bits, group_size, split_tokens=None,
+    lane_tokens=None,
 ):  # fmt: skip
     """Attention of one query token per sequence over a PatternKV cache, in three fused launches
     (q . P_k table, split pass, merge). Never rebuilds K or V.
@@ -164,6 +169,8 @@ def decode_attention(
     of different lengths (host values: an mx.array is read back). k_new, v_new: [B, H, L, D] the
     step's new tokens, attended exactly after the window. scale: softmax scale.
     split_tokens: quantized tokens per split (rounded up to whole tiles); None picks one.
+    lane_tokens: tokens per lane in the score phase, 4 or 8 (8 needs k_bits < 8 and a GQA ratio
+    <= 4); None picks by context length. Both are tuning knobs for benchmarks/attention.py.
 
     Returns [B, Hq, 1, D] in q's dtype: softmax(q K^T * scale) V over the n_quant quantized tokens,
     the n_win window rows and the L new tokens (fp32 softmax). Raises RuntimeError without a GPU
@@ -175,13 +182,25 @@ def decode_attention(
     return _decode_attention(
         be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
         k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens,
+        lane_tokens,
     )  # fmt: skip
 
 
-def _split_geometry(d: int, r: int, k_bits: int, kpat: bool, vpat: bool):
-    """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NW and TILE): as many
-    SIMD groups (4, 2 or 1) as fit the threadgroup memory in TG_BYTES, the smallest budget (Metal's)."""
-    tile = 32 * (4 if k_bits == 8 or r > 4 else 8)
+def _lane_tokens(nq_max: int, r: int, k_bits: int, lane_tokens) -> int:
+    """decode_split.metal's TPL: 4 or 8 (8 needs the lane's codes of a channel in one word, k_bits
+    < 8, and registers for R <= 4 query heads)."""
+    if lane_tokens is None:
+        lane_tokens = 8 if nq_max >= LONG_CONTEXT else 4
+    if lane_tokens not in (4, 8):
+        raise ValueError(f"lane_tokens must be 4 or 8, got {lane_tokens}")
+    return 4 if k_bits == 8 or r > 4 else lane_tokens
+
+
+def _split_geometry(d: int, r: int, tpl: int, kpat: bool, vpat: bool):
+    """(SIMD groups per threadgroup, tokens per tile) of decode_split.metal (its NW and TILE) for TPL
+    tokens per lane: as many SIMD groups (4, 2 or 1) as fit the threadgroup memory in TG_BYTES, the
+    smallest budget (Metal's)."""
+    tile = 32 * tpl
     for nwarp in (4, 2, 1):
         work = max(nwarp * tile * r + (nwarp * r * 256 if vpat else 0), r * d)  # probabilities, histograms
         floats = d * r + (r * 256 if kpat else 1) + work + nwarp * 2 * r  # q, table, work, states
@@ -202,7 +221,7 @@ def _split_size(nq_max: int, nwarp: int, tile: int, split_tokens) -> int:
 
 def _decode_attention(
     be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
-    k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens,
+    k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens, lane_tokens,
 ):  # fmt: skip
     b, hq, lq, d = q.shape
     h, ln = k_new.shape[1], k_new.shape[2]
@@ -241,7 +260,8 @@ def _decode_attention(
             raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    nwarp, tile = _split_geometry(d, r, k_bits, kpat, vpat)
+    tpl = _lane_tokens(nq_max, r, k_bits, lane_tokens)
+    nwarp, tile = _split_geometry(d, r, tpl, kpat, vpat)
     st = _split_size(nq_max, nwarp, tile, split_tokens) if nq_max else tile
     nsq = -(-nq_max // st)
     ns = nsq + 1
@@ -283,7 +303,7 @@ def _decode_attention(
     o_part, ml_part, hist_part = _launch(
         be, "decode_split", inputs,
         [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
-         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("NW", nwarp)],
+         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("NW", nwarp), ("TPL", tpl)],
         (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2), hshape], [mx.float32] * 3, float("nan"),
     )  # fmt: skip
     (out,) = _launch(

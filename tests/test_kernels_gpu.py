@@ -22,21 +22,22 @@ def poison(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "d,r,kb,vb,g,nq,nw,ln,kp,vp,qdt",
+    "d,r,kb,vb,g,nq,nw,ln,kp,vp,qdt,tpl",
     [
-        (128, 4, 2, 2, 128, [1024, 384, 0, 128], [127, 0, 5, 64], 1, True, True, mx.float16),
-        (64, 3, 3, 3, 64, [256], [0], 1, True, True, mx.bfloat16),
-        (256, 8, 8, 4, 32, [96, 160], [1, 31], 2, True, False, mx.float16),
-        (128, 1, 4, 8, 128, [0], [17], 1, False, True, mx.float16),
+        (128, 4, 2, 2, 128, [1024, 384, 0, 128], [127, 0, 5, 64], 1, True, True, mx.float16, 4),
+        (128, 4, 2, 2, 128, [1024, 384, 0, 128], [127, 0, 5, 64], 1, True, True, mx.float16, 8),
+        (64, 3, 3, 3, 64, [256], [0], 1, True, True, mx.bfloat16, 8),
+        (256, 8, 8, 4, 32, [96, 160], [1, 31], 2, True, False, mx.float16, None),
+        (128, 1, 4, 8, 128, [0], [17], 1, False, True, mx.float16, None),
     ],
 )  # fmt: skip
-def test_gpu_decode_matches_reference(d, r, kb, vb, g, nq, nw, ln, kp, vp, qdt):
+def test_gpu_decode_matches_reference(d, r, kb, vb, g, nq, nw, ln, kp, vp, qdt, tpl):
     rng = np.random.default_rng(d * r + kb)
     cfg = PatternKVConfig(k_bits=kb, v_bits=vb, group_size=g, window=128)
     c = random_cache(rng, len(nq), 2, r, d, kb, vb, g, 1024, 128, ln, 40, 36, nq, mx.float16, qdt, kp, vp,
                      gv=cfg.v_group_size(d))  # fmt: skip
     scale = 1 / math.sqrt(d)
-    got = f32(run_decode(kernels.backend(), c, nq, nw, scale)).astype(np.float64)
+    got = f32(run_decode(kernels.backend(), c, nq, nw, scale, None, tpl)).astype(np.float64)
     want = ref_decode(c, nq, nw, scale)
     assert np.isfinite(got).all()
     tol = 2e-2 if qdt == mx.bfloat16 else 4e-3

@@ -463,11 +463,11 @@ def random_cache(rng, b, h, r, d, kb, vb, g, tcap, w, ln, mk, mv, nq, dtype=mx.f
     return c
 
 
-def run_decode(be, c, nq, nw, scale, split_tokens=None):
+def run_decode(be, c, nq, nw, scale, split_tokens=None, lane_tokens=None):
     return kernels._decode_attention(
         be, c.q, c.k_bank, c.k_idx, c.k_codes, c.k_scales, c.k_mins, c.v_bank, c.v_idx, c.v_codes,
         c.v_scales, c.v_mins, c.k_win, c.v_win, nq, nw, c.k_new, c.v_new, scale, c.kb, c.vb, c.group,
-        split_tokens,
+        split_tokens, lane_tokens,
     )  # fmt: skip
 
 
@@ -521,16 +521,17 @@ def ref_quantize(xg, bits):
 # ---------------------------------------------------------------------------------------- 1. syntax
 
 DECODE_VARIANTS = [
-    # (cache dtype, q dtype, D, R, kb, vb, G, k patterns, v patterns)
-    (mx.float16, mx.float16, 128, 4, 2, 2, 128, True, True),
-    (mx.float16, mx.bfloat16, 64, 3, 3, 4, 64, True, False),
-    (mx.bfloat16, mx.bfloat16, 256, 8, 8, 3, 32, False, True),
-    (mx.float32, mx.float32, 128, 1, 4, 8, 128, False, False),
-    (mx.float16, mx.float16, 128, 2, 2, 4, 128, True, True),
+    # (cache dtype, q dtype, D, R, kb, vb, G, k patterns, v patterns, tokens per lane)
+    (mx.float16, mx.float16, 128, 4, 2, 2, 128, True, True, 8),
+    (mx.float16, mx.bfloat16, 64, 3, 3, 4, 64, True, False, 8),
+    (mx.bfloat16, mx.bfloat16, 256, 8, 8, 3, 32, False, True, 4),
+    (mx.float32, mx.float32, 128, 1, 4, 8, 128, False, False, 8),
+    (mx.float16, mx.float16, 128, 2, 2, 4, 128, True, True, 4),
+    (mx.float16, mx.float16, 128, 4, 2, 2, 128, True, True, 4),
 ]
 
 
-def _decode_sources(cdt, qdt, d, r, kb, vb, g, kp, vp):
+def _decode_sources(cdt, qdt, d, r, kb, vb, g, kp, vp, tpl):
     """Generated Metal source of the attention kernels for one variant."""
     rng = np.random.default_rng(0)
     c = random_cache(rng, 1, 2, r, d, kb, vb, g, 128, 128, 1, 32, 32, [128], cdt, qdt, kp, vp)
@@ -543,13 +544,13 @@ def _decode_sources(cdt, qdt, d, r, kb, vb, g, kp, vp):
     real = kernels._launch
     kernels._launch = grab
     try:
-        run_decode("metal", c, [128], [7], 0.1, None)
+        run_decode("metal", c, [128], [7], 0.1, None, tpl)
     finally:
         kernels._launch = real
     return srcs
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: f"{v[2]}-R{v[3]}-{v[4]}{v[5]}b-G{v[6]}-p{int(v[7])}{int(v[8])}")
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: f"{v[2]}-R{v[3]}-{v[4]}{v[5]}b-G{v[6]}-p{int(v[7])}{int(v[8])}-l{v[9]}")
 def test_metal_decode_sources_compile(variant, tmp_path):
     srcs = _decode_sources(*variant)
     assert set(srcs) == {"decode_split", "decode_merge"} | ({"qk_table"} if variant[7] else set())
@@ -593,27 +594,28 @@ def test_metal_shim_rejects_a_type_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "d,r,kb,vb,g,nq,nw,ln,kp,vp,cdt,qdt,split",
+    "d,r,kb,vb,g,nq,nw,ln,kp,vp,cdt,qdt,split,tpl",
     [
         # two splits for sequence 0, a lane with 4 of its 8 tokens valid
-        (64, 2, 3, 2, 128, [1500, 128], [5, 0], 1, True, True, mx.float16, mx.float16, 1024),
-        (128, 3, 2, 4, 64, [128, 0], [0, 64], 2, True, True, mx.float16, mx.bfloat16, None),
-        (64, 1, 8, 3, 32, [96, 100], [31, 1], 1, False, True, mx.bfloat16, mx.bfloat16, None),  # 4 tokens a lane
-        (64, 4, 4, 8, 128, [0, 0], [3, 0], 1, True, False, mx.float16, mx.float16, None),  # nothing quantized
-        (64, 8, 4, 4, 64, [2100, 700], [100, 7], 1, True, True, mx.float16, mx.float16, 1536),  # 3 tiles a SIMD group
-        (64, 8, 4, 4, 64, [2100, 700], [0, 128], 4, True, True, mx.float16, mx.float16, 512),  # one tile a SIMD group
-        (256, 8, 2, 2, 128, [700, 300], [128, 50], 3, True, True, mx.float16, mx.float16, None),  # 2 SIMD groups
-        (128, 1, 2, 4, 32, [333, 1], [0, 0], 1, False, False, mx.float32, mx.float32, 256),
-        (64, 5, 2, 3, 128, [640, 257], [3, 127], 1, True, True, mx.float16, mx.float16, None),  # GQA 5
+        (64, 2, 3, 2, 128, [1500, 128], [5, 0], 1, True, True, mx.float16, mx.float16, 1024, 8),
+        (64, 2, 3, 2, 128, [1500, 130], [5, 0], 1, True, True, mx.float16, mx.float16, 1024, 4),  # 2 of 4 valid
+        (128, 3, 2, 4, 64, [128, 0], [0, 64], 2, True, True, mx.float16, mx.bfloat16, None, 8),
+        (64, 1, 8, 3, 32, [96, 100], [31, 1], 1, False, True, mx.bfloat16, mx.bfloat16, None, 8),  # 8 bits: 4 a lane
+        (64, 4, 4, 8, 128, [0, 0], [3, 0], 1, True, False, mx.float16, mx.float16, None, None),  # nothing quantized
+        (64, 8, 4, 4, 64, [2100, 700], [100, 7], 1, True, True, mx.float16, mx.float16, 1536, None),  # 3 tiles a SIMD group
+        (64, 8, 4, 4, 64, [2100, 700], [0, 128], 4, True, True, mx.float16, mx.float16, 512, None),  # one tile a SIMD group
+        (256, 8, 2, 2, 128, [700, 300], [128, 50], 3, True, True, mx.float16, mx.float16, None, None),  # 2 SIMD groups
+        (128, 1, 2, 4, 32, [333, 1], [0, 0], 1, False, False, mx.float32, mx.float32, 256, 8),
+        (64, 5, 2, 3, 128, [640, 257], [3, 127], 1, True, True, mx.float16, mx.float16, None, 8),  # GQA 5: 4 a lane
     ],
 )  # fmt: skip
-def test_metal_emulated_decode_matches_reference(emulated, d, r, kb, vb, g, nq, nw, ln, kp, vp, cdt, qdt, split):
+def test_metal_emulated_decode_matches_reference(emulated, d, r, kb, vb, g, nq, nw, ln, kp, vp, cdt, qdt, split, tpl):
     rng = np.random.default_rng(d + r + kb + sum(nq))
     b, h, w = len(nq), 2, 128
     tcap = -(-max(nq) // 128) * 128 + 128
     c = random_cache(rng, b, h, r, d, kb, vb, g, tcap, w, ln, 40, 36, nq, cdt, qdt, kp, vp)
     scale = 1 / math.sqrt(d)
-    out = run_decode("metal", c, nq, nw, scale, split)
+    out = run_decode("metal", c, nq, nw, scale, split, tpl)
     got = f32(out).astype(np.float64)
     want = ref_decode(c, nq, nw, scale)
     assert np.isfinite(got).all()

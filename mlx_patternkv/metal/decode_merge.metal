@@ -3,23 +3,26 @@
 //   w_s = exp2(m_s - M), L = sum_s w_s l_s,
 //   hist[m] = sum_s w_s hist_s[m]                       (probability mass on V pattern m)
 //   out = (sum_s w_s o_s + sum_m hist[m] P_v[m]) / L    (0 where no token was attended)
-// Grid (256 * R, H, B), threadgroup (256, 1, 1): one threadgroup per (b, h, query head r).
+// Grid (NT * R, H, B), threadgroup (NT, 1, 1), NT = 512: one threadgroup per (b, h, query head r).
 // Inputs:  o_part [B, H, NS, R, D] float, ml_part [B, H, NS, R, 2] float, hist_part [B, H, NS, R, MVC]
 //          float, v_bank [B, H, MVC, D] T (both read only when VPAT), prm int32 (decode_split.metal's:
 //          H at 0, NSQ at 5, MVC at 7)
 // Output:  out [B, Hq, 1, D] QT
 // Template: QT, T, D, R (<= 8), VPAT.  NS <= 256 (the host picks the split size so), MVC <= 256.
-// Thread t sums the splits (then the patterns) s = t / D, t / D + NP, ... for channel t % D
-// (NP = 256 / D parts), U = 8 at a time so that several loads are in flight; the parts meet in
-// threadgroup memory.
-constexpr int NT = 256;
+// The kernel is bound by the latency of its loads (one threadgroup per query head), so it keeps many
+// in flight: every split's (m, l) is read at once; thread t sums the histogram bin t % 256 over the
+// splits t / 256, t / 256 + HP, ... and the output channel t % D over the splits (then the patterns)
+// t / D, t / D + NP, ..., U loads at a time; the parts meet in threadgroup memory.
+constexpr int NT = 512;
 constexpr int MAXS = 256;
-constexpr int NP = NT / D;
-constexpr int U = 8;  // loads in flight per thread
+constexpr int HP = NT / 256;  // parts of the histogram sum
+constexpr int NP = NT / D;    // parts of the output sum
+constexpr int U = 8;          // loads in flight per thread
 
-PKV_SHARED float w_sh[MAXS];
+PKV_SHARED float m_sh[MAXS];
+PKV_SHARED float w_sh[MAXS];  // l_s, then w_s
 PKV_SHARED float l_sh[1];
-PKV_SHARED float hist_sh[VPAT ? 256 : 1];
+PKV_SHARED float hist_sh[VPAT ? HP * 256 : 1];
 PKV_SHARED float part_sh[NT];
 
 const int tid = int(thread_position_in_threadgroup.x);
@@ -34,20 +37,24 @@ const int MVC = prm[7];
 const int NS = NSQ + 1;
 const int bh = b * H + h;
 
+// the weights: (m_s, l_s) of every split in one round of loads, then one SIMD group reduces them
+if (tid < NS) {
+  const int i = ((bh * NS + tid) * R + r) * 2;
+  const float ls = ml_part[i + 1];
+  m_sh[tid] = ls > 0.0f ? ml_part[i] : PKV_NEG;
+  w_sh[tid] = ls;
+}
+PKV_BARRIER();
 if (warp == 0) {
   float mx = PKV_NEG;
   for (int s = lane; s < NS; s += 32) {
-    const int i = ((bh * NS + s) * R + r) * 2;
-    if (ml_part[i + 1] > 0.0f) {
-      mx = pkv_fmax(mx, ml_part[i]);
-    }
+    mx = pkv_fmax(mx, m_sh[s]);
   }
   mx = pkv_simd_max(mx);
   float l = 0.0f;
   for (int s = lane; s < NS; s += 32) {
-    const int i = ((bh * NS + s) * R + r) * 2;
-    const float ls = ml_part[i + 1];
-    const float w = ls > 0.0f ? pkv_exp2(ml_part[i] - mx) : 0.0f;
+    const float ls = w_sh[s];
+    const float w = ls > 0.0f ? pkv_exp2(m_sh[s] - mx) : 0.0f;
     w_sh[s] = w;
     l += w * ls;
   }
@@ -58,32 +65,35 @@ if (warp == 0) {
 }
 PKV_BARRIER();
 
-// hist[m] = sum_s w_s hist_s[m] (thread m); select, not multiply: an empty split has w_s = 0
+// hist[m] = sum_s w_s hist_s[m] in HP parts; select, not multiply: an empty split has w_s = 0
 if (VPAT) {
-  if (tid < MVC) {
-    float a[U];
-    for (int k = 0; k < U; ++k) {
-      a[k] = 0.0f;
-    }
-    int s = 0;
-    for (; s + U <= NS; s += U) {
+  const int bin = tid % 256;
+  const int hp = tid / 256;
+  float a[U];
+  for (int k = 0; k < U; ++k) {
+    a[k] = 0.0f;
+  }
+  if (bin < MVC) {
+    const PKV_DEVICE float* hs = hist_part + (bh * NS * R + r) * MVC + bin;  // split s: hs + s * R * MVC
+    int s = hp;
+    for (; s + (U - 1) * HP < NS; s += U * HP) {
       PKV_UNROLL for (int k = 0; k < U; ++k) {
-        const float w = w_sh[s + k];
-        const float v = hist_part[((bh * NS + s + k) * R + r) * MVC + tid];
+        const float w = w_sh[s + k * HP];
+        const float v = hs[(s + k * HP) * R * MVC];
         a[k] += w > 0.0f ? w * v : 0.0f;
       }
     }
-    for (; s < NS; ++s) {
+    for (; s < NS; s += HP) {
       const float w = w_sh[s];
-      const float v = hist_part[((bh * NS + s) * R + r) * MVC + tid];
+      const float v = hs[s * R * MVC];
       a[0] += w > 0.0f ? w * v : 0.0f;
     }
-    float sum = 0.0f;
-    for (int k = 0; k < U; ++k) {
-      sum += a[k];
-    }
-    hist_sh[tid] = sum;
   }
+  float sum = 0.0f;
+  for (int k = 0; k < U; ++k) {
+    sum += a[k];
+  }
+  hist_sh[tid] = sum;
   PKV_BARRIER();
 }
 
@@ -95,17 +105,18 @@ for (int k = 0; k < U; ++k) {
   a[k] = 0.0f;
 }
 {
+  const PKV_DEVICE float* os = o_part + (bh * NS * R + r) * D + d;  // split s: os + s * R * D
   int s = part;
   for (; s + (U - 1) * NP < NS; s += U * NP) {
     PKV_UNROLL for (int k = 0; k < U; ++k) {
       const float w = w_sh[s + k * NP];
-      const float v = o_part[((bh * NS + s + k * NP) * R + r) * D + d];
+      const float v = os[(s + k * NP) * R * D];
       a[k] += w > 0.0f ? w * v : 0.0f;
     }
   }
   for (; s < NS; s += NP) {
     const float w = w_sh[s];
-    const float v = o_part[((bh * NS + s) * R + r) * D + d];
+    const float v = os[s * R * D];
     a[0] += w > 0.0f ? w * v : 0.0f;
   }
 }
@@ -114,11 +125,19 @@ if (VPAT) {
   int m = part;
   for (; m + (U - 1) * NP < MVC; m += U * NP) {
     PKV_UNROLL for (int k = 0; k < U; ++k) {
-      a[k] += hist_sh[m + k * NP] * static_cast<float>(bank[(m + k * NP) * D]);
+      float hm = 0.0f;
+      for (int p = 0; p < HP; ++p) {
+        hm += hist_sh[p * 256 + m + k * NP];
+      }
+      a[k] += hm * static_cast<float>(bank[(m + k * NP) * D]);
     }
   }
   for (; m < MVC; m += NP) {
-    a[0] += hist_sh[m] * static_cast<float>(bank[m * D]);
+    float hm = 0.0f;
+    for (int p = 0; p < HP; ++p) {
+      hm += hist_sh[p * 256 + m];
+    }
+    a[0] += hm * static_cast<float>(bank[m * D]);
   }
 }
 float sum = 0.0f;

@@ -28,7 +28,8 @@
 //   o_part [B, H, NSQ + 1, R, D] float, ml_part [B, H, NSQ + 1, R, 2] float (m in log2 units, l),
 //   hist_part [B, H, NSQ + 1, R, MVC] float (VPAT; relative to the split's m, like o_part)
 // Template: QT, T, D (64/128/256), R (<= 8), KB, VB (2/3/4/8), G (tokens per K group: 32/64/128),
-// GV (V channel group), KPAT, VPAT (pattern banks present), NW (SIMD groups per threadgroup).
+// GV (V channel group), KPAT, VPAT (pattern banks present), NW (SIMD groups per threadgroup), TPL
+// (tokens per lane in the score phase: 4, or 8 when KB < 8 and R <= 4).
 //
 // Prologue: q, and the q-pattern score table tab[r][m] = q_r . P_k[m] (qk_table.metal, once per step),
 // into threadgroup memory.
@@ -51,7 +52,6 @@
 // pattern histogram; decode_merge.metal multiplies the merged histogram by the V bank once per head.
 // NW (SIMD groups) comes from kernels.py, which sizes it to 32 KB of threadgroup memory.
 constexpr int NT = 32 * NW;
-constexpr int TPL = (KB == 8 || R > 4) ? 4 : 8;  // tokens per lane in the score phase
 constexpr int TILE = 32 * TPL;                     // tokens per tile
 constexpr int KU = 8;                              // K channels per step of the score loop
 constexpr int VU = 8;                              // tokens per lane per step of the value loop
