@@ -11,6 +11,8 @@ benchmarks/attention.py: each call's output is the next call's query).
               no_token_terms the per-token V terms of the score phase (V offsets, histogram adds)
               no_hist_adds   only the histogram adds
               no_bank        the merge's histogram x V bank product
+              merge_launch_only, table_launch_only
+                             the merge / the q . P_k table reduced to a launch that writes zeros
   32 query / 8 KV heads, head_dim 128, 2-bit, float16; prints one line per measurement and writes
   $OUT/kernel_breakdown.json (OUT defaults to results).
 
@@ -38,6 +40,10 @@ PARTS = {
                        "    for (int j = 0; j < 0; ++j) {\n      const int t = tl0 + j;"),
     "no_hist_adds": ("decode_split.metal", "pkv_atomic_add_tg(hw + r * MB + vid, s[j][r]);", ""),
     "no_bank": ("decode_merge.metal", "if (VPAT) {\n  const PKV_DEVICE T* bank", "if (false) {\n  const PKV_DEVICE T* bank"),
+    "merge_launch_only": ("decode_merge.metal", "// the weights: (m_s, l_s)",
+                          "if (tid < D) {\n  out[(bh * R + r) * D + tid] = static_cast<QT>(0.0f);\n}\nreturn;\n// the weights"),
+    "table_launch_only": ("qk_table.metal", "if (m < MKC) {  // uniform",
+                          "if (m < MKC && lane < R) {\n  tab[(bh * R + lane) * MKC + m] = 0.0f;\n}\nif (false) {  // uniform"),
 }  # fmt: skip
 SWEEP = [(4096, 1, [256, 512, 1024]), (16384, 1, [256, 512, 1024, 2048]), (65536, 1, [256, 512, 1024, 2048]),
          (131072, 1, [1024, 2048, 4096]), (16384, 8, [256, 512, 1024, 2048]), (65536, 8, [512, 1024, 2048, 4096])]  # fmt: skip
@@ -72,7 +78,7 @@ def main():
         row |= {f"split_{st}_us": 1e6 * v for st, v in times.items()}
         print(json.dumps(row), flush=True)
         res["sweep"].append(row)
-    for t, b in [(65536, 1), (65536, 8)] if a.parts else []:
+    for t, b in [(4096, 1), (65536, 1), (65536, 8)] if a.parts else []:
         q = mx.random.normal((b, 32, 1, 128)).astype(mx.float16)
         c = bench.make_cache(b, 8, 128, t, 2, 2)
         row = dict(tokens=t, batch=b)

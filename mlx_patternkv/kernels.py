@@ -34,9 +34,11 @@ MAX_SPLITS = 255  # quantized-token splits per (sequence, KV head); the merge ho
 SPLITS_PER_HEAD = 64
 MIN_SPLIT = 512
 # Tokens per lane in the score phase (decode_split.metal's TPL): 8 amortises a channel's loads over
-# more tokens, 4 halves the tokens a SIMD group walks through one after another, which is what counts
-# while the GPU has more room than work: below LONG_CONTEXT quantized tokens (H200 sweep, RESULTS.md).
-LONG_CONTEXT = 32768
+# more tokens; 4 halves the tokens a SIMD group walks through one after another, which is what counts
+# while the GPU has more room than work: below LANE8_WORK quantized tokens x KV heads x sequences
+# (H200 sweep, RESULTS.md: 4 won at 4K and 16K tokens x 8 heads at batch 1, 8 at 64K, and at 16K
+# with batch 8).
+LANE8_WORK = 1 << 18
 TG_BYTES = 32768  # threadgroup memory of one threadgroup (Apple GPUs' limit; CUDA allows 48 KB)
 CENTER_FLOATS = 4096  # threadgroup floats for the flush's candidate centres
 NO_PATTERN = 255
@@ -130,9 +132,17 @@ def _launch(be, name, inputs, template, grid, threadgroup, output_shapes, output
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _dummy(dtype):
     # more than 8 elements: Metal passes small arrays in the constant address space instead of device
     return mx.zeros((16,), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _params(values: tuple) -> mx.array:
+    """The int32 parameter array of a launch, made once per distinct content: every layer of a decode
+    step passes the same lengths, and each fresh host array costs the GPU a transfer."""
+    return mx.array(values, mx.int32)
 
 
 def _lengths(n, b: int, what: str):
@@ -170,7 +180,7 @@ def decode_attention(
     step's new tokens, attended exactly after the window. scale: softmax scale.
     split_tokens: quantized tokens per split (rounded up to whole tiles); None picks one.
     lane_tokens: tokens per lane in the score phase, 4 or 8 (8 needs k_bits < 8 and a GQA ratio
-    <= 4); None picks by context length. Both are tuning knobs for benchmarks/attention.py.
+    <= 4); None picks by the amount of work. Both are tuning knobs for benchmarks/attention.py.
 
     Returns [B, Hq, 1, D] in q's dtype: softmax(q K^T * scale) V over the n_quant quantized tokens,
     the n_win window rows and the L new tokens (fp32 softmax). Raises RuntimeError without a GPU
@@ -186,11 +196,11 @@ def decode_attention(
     )  # fmt: skip
 
 
-def _lane_tokens(nq_max: int, r: int, k_bits: int, lane_tokens) -> int:
+def _lane_tokens(work: int, r: int, k_bits: int, lane_tokens) -> int:
     """decode_split.metal's TPL: 4 or 8 (8 needs the lane's codes of a channel in one word, k_bits
-    < 8, and registers for R <= 4 query heads)."""
+    < 8, and registers for R <= 4 query heads). work: quantized tokens x KV heads x sequences."""
     if lane_tokens is None:
-        lane_tokens = 8 if nq_max >= LONG_CONTEXT else 4
+        lane_tokens = 8 if work >= LANE8_WORK else 4
     if lane_tokens not in (4, 8):
         raise ValueError(f"lane_tokens must be 4 or 8, got {lane_tokens}")
     return 4 if k_bits == 8 or r > 4 else lane_tokens
@@ -260,7 +270,7 @@ def _decode_attention(
             raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
 
     cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    tpl = _lane_tokens(nq_max, r, k_bits, lane_tokens)
+    tpl = _lane_tokens(sum(nq) * h, r, k_bits, lane_tokens)
     nwarp, tile = _split_geometry(d, r, tpl, kpat, vpat)
     st = _split_size(nq_max, nwarp, tile, split_tokens) if nq_max else tile
     nsq = -(-nq_max // st)
@@ -271,7 +281,7 @@ def _decode_attention(
         raise ValueError("pattern banks hold at most 256 rows (uint8 indices)")
 
     sbits = struct.unpack("<i", struct.pack("<f", scale * math.log2(math.e)))[0]
-    prm = mx.array([h, tcap, w, ln, st, nsq, mkc, mvc, sbits] + [v for pair in zip(nq, nw) for v in pair], mx.int32)
+    prm = _params((h, tcap, w, ln, st, nsq, mkc, mvc, sbits, *(v for pair in zip(nq, nw) for v in pair)))
     quant = nq_max > 0
     u8, u32 = mx.uint8, mx.uint32
     if kpat:
@@ -392,7 +402,7 @@ def _flush_launch(be, x, bank, n_pat, x0, ng, bits, g, values, gv, max_patterns,
     has_bank = bank is not None
     mc = bank.shape[2] if has_bank else 0
     tbits = struct.unpack("<i", struct.pack("<f", thr))[0]
-    prm = mx.array([h, tx, x0, ng, mc, max_patterns, n_pat if has_bank else 0, tbits], mx.int32)
+    prm = _params((h, tx, x0, ng, mc, max_patterns, n_pat if has_bank else 0, tbits))
     if values:
         shapes = [(b, h, n), (b, h, n, d * bits // 32), (b, h, n, d // gv), (b, h, n, d // gv), (b, h, ng, d)]
     else:

@@ -12,12 +12,14 @@
 // The kernel is bound by the latency of its loads (one threadgroup per query head), so it keeps many
 // in flight: every split's (m, l) is read at once; thread t sums the histogram bin t % 256 over the
 // splits t / 256, t / 256 + HP, ... and the output channel t % D over the splits (then the patterns)
-// t / D, t / D + NP, ..., U loads at a time; the parts meet in threadgroup memory.
+// t / D, t / D + NP, ..., U (UO) loads at a time (predicated, so that a partial batch does not run
+// one load after another); the parts meet in threadgroup memory.
 constexpr int NT = 512;
 constexpr int MAXS = 256;
 constexpr int HP = NT / 256;  // parts of the histogram sum
 constexpr int NP = NT / D;    // parts of the output sum
-constexpr int U = 8;          // loads in flight per thread
+constexpr int U = 8;          // loads in flight per thread (histogram)
+constexpr int UO = 16;        // loads in flight per thread (output)
 
 PKV_SHARED float m_sh[MAXS];
 PKV_SHARED float w_sh[MAXS];  // l_s, then w_s
@@ -75,18 +77,15 @@ if (VPAT) {
   }
   if (bin < MVC) {
     const PKV_DEVICE float* hs = hist_part + (bh * NS * R + r) * MVC + bin;  // split s: hs + s * R * MVC
-    int s = hp;
-    for (; s + (U - 1) * HP < NS; s += U * HP) {
+    for (int s = hp; s < NS; s += U * HP) {
       PKV_UNROLL for (int k = 0; k < U; ++k) {
-        const float w = w_sh[s + k * HP];
-        const float v = hs[(s + k * HP) * R * MVC];
-        a[k] += w > 0.0f ? w * v : 0.0f;
+        const int sk = s + k * HP;
+        if (sk < NS) {
+          const float w = w_sh[sk];
+          const float v = hs[sk * R * MVC];
+          a[k] += w > 0.0f ? w * v : 0.0f;
+        }
       }
-    }
-    for (; s < NS; s += HP) {
-      const float w = w_sh[s];
-      const float v = hs[s * R * MVC];
-      a[0] += w > 0.0f ? w * v : 0.0f;
     }
   }
   float sum = 0.0f;
@@ -100,48 +99,40 @@ if (VPAT) {
 // o[d] = sum_s w_s o_s[d] + sum_m hist[m] P_v[m][d], in NP parts
 const int d = tid % D;
 const int part = tid / D;
-float a[U];
-for (int k = 0; k < U; ++k) {
+float a[UO];
+for (int k = 0; k < UO; ++k) {
   a[k] = 0.0f;
 }
 {
   const PKV_DEVICE float* os = o_part + (bh * NS * R + r) * D + d;  // split s: os + s * R * D
-  int s = part;
-  for (; s + (U - 1) * NP < NS; s += U * NP) {
-    PKV_UNROLL for (int k = 0; k < U; ++k) {
-      const float w = w_sh[s + k * NP];
-      const float v = os[(s + k * NP) * R * D];
-      a[k] += w > 0.0f ? w * v : 0.0f;
+  for (int s = part; s < NS; s += UO * NP) {
+    PKV_UNROLL for (int k = 0; k < UO; ++k) {
+      const int sk = s + k * NP;
+      if (sk < NS) {
+        const float w = w_sh[sk];
+        const float v = os[sk * R * D];
+        a[k] += w > 0.0f ? w * v : 0.0f;
+      }
     }
-  }
-  for (; s < NS; s += NP) {
-    const float w = w_sh[s];
-    const float v = os[s * R * D];
-    a[0] += w > 0.0f ? w * v : 0.0f;
   }
 }
 if (VPAT) {
   const PKV_DEVICE T* bank = v_bank + bh * MVC * D + d;
-  int m = part;
-  for (; m + (U - 1) * NP < MVC; m += U * NP) {
-    PKV_UNROLL for (int k = 0; k < U; ++k) {
-      float hm = 0.0f;
-      for (int p = 0; p < HP; ++p) {
-        hm += hist_sh[p * 256 + m + k * NP];
+  for (int m = part; m < MVC; m += UO * NP) {
+    PKV_UNROLL for (int k = 0; k < UO; ++k) {
+      const int mk = m + k * NP;
+      if (mk < MVC) {
+        float hm = 0.0f;
+        for (int p = 0; p < HP; ++p) {
+          hm += hist_sh[p * 256 + mk];
+        }
+        a[k] += hm * static_cast<float>(bank[mk * D]);
       }
-      a[k] += hm * static_cast<float>(bank[(m + k * NP) * D]);
     }
-  }
-  for (; m < MVC; m += NP) {
-    float hm = 0.0f;
-    for (int p = 0; p < HP; ++p) {
-      hm += hist_sh[p * 256 + m];
-    }
-    a[0] += hm * static_cast<float>(bank[m * D]);
   }
 }
 float sum = 0.0f;
-for (int k = 0; k < U; ++k) {
+for (int k = 0; k < UO; ++k) {
   sum += a[k];
 }
 part_sh[tid] = sum;
