@@ -275,6 +275,13 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
       }
       PKV_SIMD_BARRIER();
     }
+    if (NGV == 1) {  // tokens past the split's end: p * scale 0 for the value loop
+      for (int j = nv; j < TPL; ++j) {
+        for (int r = 0; r < R; ++r) {
+          pw[(lane * TPL + j) * R + r] = 0.0f;
+        }
+      }
+    }
     for (int j = 0; j < nv; ++j) {
       const int t = tl0 + j;
       for (int g = 0; g < NGV; ++g) {
@@ -302,15 +309,17 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
   // ---- values
   const int t_stop = pkv_imin(TS, t_end - tile);  // tokens of this tile (> 0)
   if (!dense) {
+    // Rows past the tile's last token are read as that token's row again (so every load stays
+    // inside the cache and needs one min), and add nothing: their probabilities in pw are 0.
     const int vg = c0 / GV;
     const int vw0 = (c0 * VB) >> 5;  // VB != 3: the lane's codes start a word (VB 2: half a word)
     const uint vsh = uint(c0 * VB) & 31u;
-    const PKV_DEVICE uint* vrow = v_codes + (bh * TCAP + tile) * WV;  // token tt of the tile: vrow + tt * WV
+    const int lim = pkv_imax(t_stop - 1 - tsub, 0);  // last row offset of this lane
+    const uint lrow = uint(bh * TCAP + tile + tsub);  // row of the lane's first token
     uint lo_n[VU];  // the next step's codes, loaded before this step's arithmetic
     uint hi_n[VU];
     PKV_UNROLL for (int u = 0; u < VU; ++u) {
-      const int tt = u * TPS + tsub;
-      const PKV_DEVICE uint* vc = vrow + (tt < t_stop ? tt : 0) * WV;
+      const PKV_DEVICE uint* vc = v_codes + (lrow + uint(pkv_imin(u * TPS, lim))) * uint(WV);
       lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
       hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
     }
@@ -320,33 +329,30 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
       PKV_UNROLL for (int u = 0; u < VU; ++u) {
         lo_c[u] = lo_n[u];
         hi_c[u] = hi_n[u];
-        const int tn = tt0 + VU * TPS + u * TPS + tsub;
-        const PKV_DEVICE uint* vc = vrow + (tn < t_stop ? tn : 0) * WV;
+        const PKV_DEVICE uint* vc = v_codes + (lrow + uint(pkv_imin(tt0 + VU * TPS + u * TPS, lim))) * uint(WV);
         lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
         hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
       }
       PKV_UNROLL for (int u = 0; u < VU; ++u) {
-        const int tt = tt0 + u * TPS + tsub;
-        if (tt < t_stop) {
-          const int t = tile + tt;
-          const uint lo = lo_c[u];
-          const uint hi = hi_c[u];
-          float pv[R];  // p * scale * 2^VB
-          if (NGV == 1) {
-            for (int r = 0; r < R; ++r) {
-              pv[r] = pw[tt * R + r];
-            }
-          } else {
-            const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + vg]) * VSCALE;
-            for (int r = 0; r < R; ++r) {
-              pv[r] = pw[tt * R + r] * vs;
-            }
+        const int tt = tt0 + u * TPS + tsub;  // < TS: pw holds 0 for tokens past t_stop
+        const uint lo = lo_c[u];
+        const uint hi = hi_c[u];
+        float pv[R];  // p * scale * 2^VB
+        if (NGV == 1) {
+          for (int r = 0; r < R; ++r) {
+            pv[r] = pw[tt * R + r];
           }
-          PKV_UNROLL for (int c = 0; c < CPL; ++c) {
-            const float f = pkv_unit(c * VB < 32 ? lo : hi, (c * VB) % 32, VB);
-            for (int r = 0; r < R; ++r) {
-              acc[c][r] += pv[r] * f;
-            }
+        } else {
+          const uint row = lrow + uint(pkv_imin(tt0 + u * TPS, lim));
+          const float vs = static_cast<float>(v_scales[row * uint(NGV) + uint(vg)]) * VSCALE;
+          for (int r = 0; r < R; ++r) {
+            pv[r] = pw[tt * R + r] * vs;
+          }
+        }
+        PKV_UNROLL for (int c = 0; c < CPL; ++c) {
+          const float f = pkv_unit(c * VB < 32 ? lo : hi, (c * VB) % 32, VB);
+          for (int r = 0; r < R; ++r) {
+            acc[c][r] += pv[r] * f;
           }
         }
       }
