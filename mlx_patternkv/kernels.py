@@ -47,13 +47,13 @@ NO_PATTERN = 255
 _KERNELS = {
     "decode_split": (
         [
-            "q", "tab", "k_idx", "k_codes", "k_scales", "k_mins", "v_bank", "v_idx", "v_codes",
+            "q", "tab", "kc", "k_idx", "k_codes", "k_scales", "v_bank", "v_idx", "v_codes",
             "v_scales", "v_mins", "k_win", "v_win", "k_new", "v_new", "prm",
         ],
         ["o_part", "ml_part", "hist_part"],
     ),  # fmt: skip
     "decode_merge": (["o_part", "ml_part", "hist_part", "v_bank", "prm"], ["out"]),
-    "qk_table": (["q", "k_bank", "prm"], ["tab"]),
+    "qk_table": (["q", "k_bank", "k_scales", "k_mins", "prm"], ["tab", "kc"]),
     "flush": (["x", "bank", "prm"], ["idx", "codes", "scales", "mins", "centers"]),
 }
 
@@ -166,7 +166,7 @@ def decode_attention(
     lane_tokens=None,
 ):  # fmt: skip
     """Attention of one query token per sequence over a PatternKV cache, in three fused launches
-    (q . P_k table, split pass, merge). Never rebuilds K or V.
+    (the tables that depend only on q, the split pass, the merge). Never rebuilds K or V.
 
     q: [B, Hq, 1, D] (the model's dtype). Cache fields as in docs/DESIGN.md, whole buffers (never
     sliced): k_bank [B, H, Mk, D] or None (K patterns off), k_idx [B, H, Tcap] uint8 or None,
@@ -284,19 +284,27 @@ def _decode_attention(
     prm = _params((h, tcap, w, ln, st, nsq, mkc, mvc, sbits, *(v for pair in zip(nq, nw) for v in pair)))
     quant = nq_max > 0
     u8, u32 = mx.uint8, mx.uint32
-    if kpat:
-        (tab,) = _launch(
-            be, "qk_table", [q, k_bank, prm], [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r)],
-            (256 * -(-mkc // 8), h, b), (256, 1, 1), [(b, h, r, mkc)], [mx.float32], float("nan"),
+    cache = [k_scales, k_mins, v_scales, v_mins] if quant else []
+    for a in [*([k_bank] if kpat else []), *([v_bank] if vpat else []), *cache, k_win, v_win]:
+        if a is not None and a.dtype != cdt:
+            raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
+    tab = kc = _dummy(mx.float32)
+    if quant:  # the q . P_k table (K patterns) and the K groups' constants
+        ngq = -(-nq_max // g)  # K groups holding quantized tokens
+        ntg = -(-mkc // 8) + -(-ngq // 32)
+        tab, kc = _launch(
+            be, "qk_table", [q, k_bank if kpat else _dummy(cdt), k_scales, k_mins, prm],
+            [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("G", g), ("KPAT", kpat)],
+            (256 * ntg, h, b), (256, 1, 1), [(b, h, r, mkc) if kpat else tab.shape, (b, h, r, tcap // g)],
+            [mx.float32] * 2, float("nan"),
         )  # fmt: skip
+    vb_in = v_bank if vpat else _dummy(cdt)
     inputs = [
-        q,
-        tab if kpat else _dummy(mx.float32),
+        q, tab, kc,
         k_idx if kpat else _dummy(u8),
         k_codes if quant else _dummy(u32),
         k_scales if quant else _dummy(cdt),
-        k_mins if quant else _dummy(cdt),
-        v_bank if vpat else _dummy(cdt),
+        vb_in,
         v_idx if vpat else _dummy(u8),
         v_codes if quant else _dummy(u32),
         v_scales if quant else _dummy(cdt),
@@ -305,9 +313,6 @@ def _decode_attention(
         v_win if v_win is not None else _dummy(cdt),
         k_new, v_new, prm,
     ]  # fmt: skip
-    for a in [*([k_bank] if kpat else []), *inputs[4:7], *inputs[9:13]]:
-        if a.dtype != cdt:
-            raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
     nt = 32 * nwarp
     hshape = (b, h, ns, r, mvc) if vpat else _dummy(mx.float32).shape  # unused without V patterns
     o_part, ml_part, hist_part = _launch(
@@ -317,7 +322,7 @@ def _decode_attention(
         (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2), hshape], [mx.float32] * 3, float("nan"),
     )  # fmt: skip
     (out,) = _launch(
-        be, "decode_merge", [o_part, ml_part, hist_part, inputs[6], prm],
+        be, "decode_merge", [o_part, ml_part, hist_part, vb_in, prm],
         [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("VPAT", vpat)],
         (NT_MERGE * r, h, b), (NT_MERGE, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
     )  # fmt: skip

@@ -13,9 +13,10 @@
 // Inputs (whole cache buffers; lengths are data, never template values):
 //   q [B, Hq, 1, D] QT                        Hq = H * R, query head h * R + r uses KV head h
 //   tab [B, H, R, MKC] float                  q . K patterns (qk_table.metal; KPAT)
+//   kc [B, H, R, TCAP / G] float              per K group: q . (min - scale * 2^KB) (qk_table.metal)
 //   k_idx [B, H, TCAP] uint8                  K pattern per quantized token
 //   k_codes [B, H, D, TCAP * KB / 32] uint32  K residual, per channel, packed along tokens
-//   k_scales, k_mins [B, H, D, TCAP / G] T
+//   k_scales [B, H, D, TCAP / G] T           (the mins are in kc)
 //   v_bank [B, H, MVC, D] T                   V patterns (VPAT)
 //   v_idx [B, H, TCAP] uint8                  V pattern, 255 = gate off
 //   v_codes [B, H, TCAP, D * VB / 32] uint32  V residual, per token, packed along channels
@@ -32,15 +33,17 @@
 // (tokens per lane in the score phase: 4, or 8 when KB < 8 and R <= 4).
 //
 // Prologue: q, and the q-pattern score table tab[r][m] = q_r . P_k[m] (qk_table.metal, once per step),
-// into threadgroup memory.
+// into threadgroup memory.  The values of a tile are added after all its scores: the tile's
+// probabilities sit in threadgroup memory, 0 past the split's end.
 // Per tile of a SIMD group:
 //  scores  lane l takes TPL consecutive tokens (dense split: tokens l, l + 32, ...) and loops over
 //          the channels: one load brings the lane's TPL K codes of a channel (the per-channel
 //          layout makes a SIMD group's loads contiguous; the next channels' loads are issued before
 //          this channel's arithmetic); a code c becomes the float 1 + c / 2^KB with two integer
 //          operations (shift, mask-or into the mantissa of 1.0), so
-//            q . (scale * c + min) = (q * scale * 2^KB) . (1 + c / 2^KB) - q * scale * 2^KB + q * min,
-//          the last two summed once per lane; plus the pattern score tab[r][k_idx];
+//            q . (scale * c + min) = (q * scale * 2^KB) . (1 + c / 2^KB) + q . (min - scale * 2^KB),
+//          the last term the same for a whole K group (kc, from qk_table.metal); plus the pattern
+//          score tab[r][k_idx];
 //  softmax online in fp32 per query head (the SIMD group's max); the lane that scored a token also
 //          adds its V terms that do not depend on the channel, p * (min - scale * 2^VB) per V group,
 //          and its probability into the SIMD group's histogram over the V patterns (threadgroup
@@ -155,42 +158,29 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
     nv = pkv_imax(0, pkv_imin(TPL, t_end - tl0));
     if (nv > 0) {
       const int grp = tl0 / G;
-      float cq[R];  // sum_d q * scale * 2^KB
-      float cm[R];  // sum_d q * min
-      for (int r = 0; r < R; ++r) {
-        cq[r] = 0.0f;
-        cm[r] = 0.0f;
-      }
-      const PKV_DEVICE uint* kc = k_codes + bh * D * WK;
+      const PKV_DEVICE uint* kw = k_codes + bh * D * WK;
       const int kg = bh * D * NGK + grp;
       const uint kbit = uint(tl0) * uint(KB);
       const int kw0 = int(kbit >> 5);  // KB != 3: the lane's codes lie in one word of a channel row
       const uint ksh = kbit & 31u;
       uint w[KU];
       float sc[KU];
-      float mn[KU];
       PKV_UNROLL for (int u = 0; u < KU; ++u) {
-        w[u] = KB == 3 ? pkv_bits(kc + u * WK, kbit, uint(TPL * KB)) : kc[u * WK + kw0] >> ksh;
+        w[u] = KB == 3 ? pkv_bits(kw + u * WK, kbit, uint(TPL * KB)) : kw[u * WK + kw0] >> ksh;
         sc[u] = static_cast<float>(k_scales[kg + u * NGK]) * KSCALE;
-        mn[u] = static_cast<float>(k_mins[kg + u * NGK]);
       }
       for (int d0 = 0; d0 < D; d0 += KU) {
         uint wn[KU];  // the next KU channels, loaded before this block's arithmetic
         float scn[KU];
-        float mnn[KU];
         const int dn = d0 + KU < D ? d0 + KU : d0;
         PKV_UNROLL for (int u = 0; u < KU; ++u) {
-          wn[u] = KB == 3 ? pkv_bits(kc + (dn + u) * WK, kbit, uint(TPL * KB)) : kc[(dn + u) * WK + kw0] >> ksh;
+          wn[u] = KB == 3 ? pkv_bits(kw + (dn + u) * WK, kbit, uint(TPL * KB)) : kw[(dn + u) * WK + kw0] >> ksh;
           scn[u] = static_cast<float>(k_scales[kg + (dn + u) * NGK]) * KSCALE;
-          mnn[u] = static_cast<float>(k_mins[kg + (dn + u) * NGK]);
         }
         PKV_UNROLL for (int u = 0; u < KU; ++u) {
           float qs[R];
           for (int r = 0; r < R; ++r) {
-            const float qd = q_sh[(d0 + u) * R + r];
-            qs[r] = qd * sc[u];
-            cq[r] += qs[r];
-            cm[r] += qd * mn[u];
+            qs[r] = q_sh[(d0 + u) * R + r] * sc[u];
           }
           PKV_UNROLL for (int j = 0; j < TPL; ++j) {
             const float f = pkv_unit(w[u], j * KB, KB);
@@ -202,13 +192,16 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
         PKV_UNROLL for (int u = 0; u < KU; ++u) {
           w[u] = wn[u];
           sc[u] = scn[u];
-          mn[u] = mnn[u];
         }
+      }
+      float kgc[R];  // this group's constant (qk_table.metal)
+      for (int r = 0; r < R; ++r) {
+        kgc[r] = kc[(bh * R + r) * NGK + grp];
       }
       for (int j = 0; j < TPL; ++j) {
         const int kid = KPAT ? int(k_idx[bh * TCAP + tl0 + j]) : 0;
         for (int r = 0; r < R; ++r) {
-          s[j][r] += cm[r] - cq[r];
+          s[j][r] += kgc[r];
           if (KPAT) {
             s[j][r] += tab_sh[r * MB + kid];
           }
