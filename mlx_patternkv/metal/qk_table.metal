@@ -3,8 +3,8 @@
 //   tab[b, h, r, m] = q_r . k_bank[b, h, m, :]                                   (KPAT; m < MKC)
 //   kc[b, h, r, g]  = sum_d q_r[d] * (k_min[d, g] - k_scale[d, g] * 2^KB)        (g < ceil(n_quant[b] / G))
 // with q_r = q[b, h*R + r, 0, :] (fp32, unscaled). kc is the part of a quantized token's K score
-// that is the same for every token of its K group: q . (scale * c + min), with the code c read as
-// 2^KB * (1 + c / 2^KB), is (q * scale * 2^KB) . (1 + c / 2^KB) + kc.
+// that is the same for every token of its K group: since c = 2^KB * (1 + c / 2^KB) - 2^KB,
+// q . (scale * c + min) = (q * scale * 2^KB) . (1 + c / 2^KB) + kc.
 // Inputs:  q [B, Hq, 1, D] QT, k_bank [B, H, MKC, D] T (KPAT), k_scales, k_mins [B, H, D, TCAP / G] T,
 //          prm int32 (decode_split.metal's: H at 0, TCAP at 1, MKC at 6, n_quant[b] at 9 + 2 b)
 // Outputs: tab [B, H, R, MKC] float (KPAT), kc [B, H, R, TCAP / G] float
