@@ -21,6 +21,8 @@ import mlx_patternkv  # noqa: E402
 
 if not mlx_patternkv.__file__.startswith(tree):
     raise SystemExit(f"imported {mlx_patternkv.__file__}, not the package in {tree} (an editable install wins?)")
+if bench.kernels.backend() is None:
+    raise SystemExit("no GPU back-end: the fused kernels cannot run here")
 res = {}
 for t, b in [(4096, 1), (16384, 1), (65536, 1), (131072, 1), (16384, 8), (65536, 8)]:
     c = bench.make_cache(b, 8, 128, t, 2, 2)
