@@ -377,6 +377,20 @@ class PatternKVCache(_BaseCache):
             self._flush_portable("v", fv[:, :, :n], mined_v)
         self.n_quant += n
 
+    def _part(self, part):
+        """(patterns on, bits, valid patterns in the bank) of `part` ("k" / "v")."""
+        cfg = self.config
+        if part == "k":
+            return cfg.k_patterns, cfg.k_bits, self.n_kpat
+        return cfg.v_patterns, cfg.v_bits, self.n_vpat
+
+    def _set_patterns(self, part, n_pat):
+        """The bank of `part` holds n_pat valid patterns now."""
+        if part == "k":
+            self.n_kpat = n_pat
+        else:
+            self.n_vpat = n_pat
+
     def _fusable(self, part, d, first, n) -> bool:
         """Whether the flush of n tokens of `part` ("k" / "v") goes through `kernels.flush`: one
         window; patterns off (no mining, the bank stays None), or a later flush on a non-empty bank;
@@ -384,9 +398,7 @@ class PatternKVCache(_BaseCache):
         cfg = self.config
         if n != cfg.window:
             return False
-        n_pat = self.n_kpat if part == "k" else self.n_vpat
-        on = cfg.k_patterns if part == "k" else cfg.v_patterns
-        bits = cfg.k_bits if part == "k" else cfg.v_bits
+        on, bits, n_pat = self._part(part)
         if on and (first or n_pat == 0):
             return False
         h = self.k_win.shape[1]
@@ -398,11 +410,9 @@ class PatternKVCache(_BaseCache):
         cfg = self.config
         b, h, _, d = x.shape
         g = cfg.group_size
-        on = cfg.k_patterns if part == "k" else cfg.v_patterns
+        on, bits, n_pat = self._part(part)
         bank = getattr(self, part + "_bank") if on else None
-        n_pat = self.n_kpat if part == "k" else self.n_vpat
         values = part == "v"
-        bits = cfg.v_bits if values else cfg.k_bits
         idx, codes, scales, mins, centers = kernels.flush(
             x, bank, n_pat, n, bits=bits, group_size=g, values=values,
             v_group_size=cfg.v_group_size(d) if values else None, max_patterns=cfg.max_patterns,
@@ -413,10 +423,7 @@ class PatternKVCache(_BaseCache):
             if k:
                 self._reserve_bank(part + "_bank", n_pat + k, b, h, d)
                 getattr(self, part + "_bank")[:, :, n_pat : n_pat + k] = centers[:, :, :k]
-            if values:
-                self.n_vpat = n_pat + k
-            else:
-                self.n_kpat = n_pat + k
+            self._set_patterns(part, n_pat + k)
         self._store(part, n, idx if bank is not None else None, codes, scales, mins)
 
     def _flush_portable(self, part, x, mined):
@@ -429,14 +436,13 @@ class PatternKVCache(_BaseCache):
         values = part == "v"
         xr = x.reshape(rows, n, d)
         idx = bank = None
-        if cfg.v_patterns if values else cfg.k_patterns:
-            n_pat = self.n_vpat if values else self.n_kpat
+        on, _, n_pat = self._part(part)
+        if on:
             idx, n_pat = self._assign(part + "_bank", xr, n_pat, mined)
+            self._set_patterns(part, n_pat)
             if values:
-                self.n_vpat = n_pat
                 self.v_mined = self.v_mined or n_pat
             else:
-                self.n_kpat = n_pat
                 self.k_mined = self.k_mined or n_pat
             bank = getattr(self, part + "_bank")[:, :, :n_pat].reshape(rows, -1, d)
         if values:
