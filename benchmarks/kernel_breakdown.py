@@ -8,11 +8,16 @@ benchmarks/attention.py: each call's output is the next call's query).
             memory; the results are wrong, only the times mean something):
               no_values      the split pass's value loop over the quantized tokens
               no_scores      the split pass's channel loop of the K scores
+              no_loops       both loops above
               no_token_terms the per-token V terms of the score phase (V offsets, histogram adds)
+              no_tiles       the split pass's whole tile loop (left: prologue, combine, writes)
               no_hist_adds   only the histogram adds
               no_bank        the merge's histogram x V bank product
               merge_launch_only, table_launch_only
                              the merge / the q . P_k table reduced to a launch that writes zeros
+              split_launch_only
+                             the split pass reduced to a launch that returns at once
+              launches_only  all three at once: the cost of three launches
   32 query / 8 KV heads, head_dim 128, 2-bit, float16; prints one line per measurement and writes
   $OUT/kernel_breakdown.json (OUT defaults to results).
 
@@ -32,18 +37,27 @@ import attention as bench  # noqa: E402
 from mlx_patternkv import kernels  # noqa: E402
 
 ORIG = kernels._text
+SPLIT, MERGE, TABLE = "decode_split.metal", "decode_merge.metal", "qk_table.metal"
+SPLIT_EMPTY = (SPLIT, "// ---- prologue: q,", "return;\n// ---- prologue: q,")
+MERGE_EMPTY = (MERGE, "// the weights: (m_s, l_s)",
+               "if (tid < D) {\n  out[(bh * R + r) * D + tid] = static_cast<QT>(0.0f);\n}\nreturn;\n// the weights")
+TABLE_EMPTY = (TABLE, "if (m < MKC) {  // uniform",
+               "if (m < MKC && lane < R) {\n  tab[(bh * R + lane) * MKC + m] = 0.0f;\n}\nif (false) {  // uniform")
+NO_VALUES = (SPLIT, "for (int tt0 = 0; tt0 < t_stop; tt0 += VU * TPS) {", "for (int tt0 = 0; tt0 < 0; tt0 += VU * TPS) {")
+NO_SCORES = (SPLIT, "for (int d0 = 0; d0 < D; d0 += KU) {", "for (int d0 = 0; d0 < 0; d0 += KU) {")
+# name -> the edits (file, text, replacement) that remove the part
 PARTS = {
-    "no_values": ("decode_split.metal", "for (int tt0 = 0; tt0 < t_stop; tt0 += VU * TPS) {",
-                  "for (int tt0 = 0; tt0 < 0; tt0 += VU * TPS) {"),
-    "no_scores": ("decode_split.metal", "for (int d0 = 0; d0 < D; d0 += KU) {", "for (int d0 = 0; d0 < 0; d0 += KU) {"),
-    "no_token_terms": ("decode_split.metal", "    for (int j = 0; j < nv; ++j) {\n      const int t = tl0 + j;",
-                       "    for (int j = 0; j < 0; ++j) {\n      const int t = tl0 + j;"),
-    "no_hist_adds": ("decode_split.metal", "pkv_atomic_add_tg(hw + r * MB + vid, s[j][r]);", ""),
-    "no_bank": ("decode_merge.metal", "if (VPAT) {\n  const PKV_DEVICE T* bank", "if (false) {\n  const PKV_DEVICE T* bank"),
-    "merge_launch_only": ("decode_merge.metal", "// the weights: (m_s, l_s)",
-                          "if (tid < D) {\n  out[(bh * R + r) * D + tid] = static_cast<QT>(0.0f);\n}\nreturn;\n// the weights"),
-    "table_launch_only": ("qk_table.metal", "if (m < MKC) {  // uniform",
-                          "if (m < MKC && lane < R) {\n  tab[(bh * R + lane) * MKC + m] = 0.0f;\n}\nif (false) {  // uniform"),
+    "no_values": [NO_VALUES],
+    "no_scores": [NO_SCORES],
+    "no_loops": [NO_VALUES, NO_SCORES],
+    "no_tiles": [(SPLIT, "for (int tile = t_begin + warp * TS; tile < t_end;", "for (int tile = t_begin + warp * TS; tile < t_begin;")],
+    "no_token_terms": [(SPLIT, "      if (j < nv) {\n        const int t = tl0 + j;", "      if (false) {\n        const int t = tl0 + j;")],
+    "no_hist_adds": [(SPLIT, "pkv_atomic_add_tg(hw + r * MB + vid, pkv_as_uint(s[j][r] * hsc + 8388608.0f) - 0x4B000000u);", "")],
+    "no_bank": [(MERGE, "if (VPAT) {\n  const PKV_DEVICE T* bank", "if (false) {\n  const PKV_DEVICE T* bank")],
+    "merge_launch_only": [MERGE_EMPTY],
+    "table_launch_only": [TABLE_EMPTY],
+    "split_launch_only": [SPLIT_EMPTY],
+    "launches_only": [SPLIT_EMPTY, MERGE_EMPTY, TABLE_EMPTY],
 }  # fmt: skip
 SWEEP = [(4096, 1, [256, 512, 1024]), (16384, 1, [256, 512, 1024, 2048]), (65536, 1, [256, 512, 1024, 2048]),
          (131072, 1, [1024, 2048, 4096]), (16384, 8, [256, 512, 1024, 2048]), (65536, 8, [512, 1024, 2048, 4096])]  # fmt: skip
@@ -51,13 +65,13 @@ SWEEP = [(4096, 1, [256, 512, 1024]), (16384, 1, [256, 512, 1024, 2048]), (65536
 
 def use_source(part=None):
     """Build the kernels from the package source, or with PARTS[part] edited out."""
-    if part is None:
-        kernels._text = ORIG
-    else:
-        fname, old, new = PARTS[part]
-        if old not in ORIG(fname):
+    texts = {}
+    for fname, old, new in PARTS[part] if part else []:
+        text = texts.get(fname, ORIG(fname))
+        if old not in text:
             raise SystemExit(f"{part}: the kernel source no longer contains the text this variant removes")
-        kernels._text = lambda n: ORIG(n).replace(old, new) if n == fname else ORIG(n)
+        texts[fname] = text.replace(old, new)
+    kernels._text = lambda n: texts.get(n) or ORIG(n)
     kernels._kernel.cache_clear()
 
 

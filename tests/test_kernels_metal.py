@@ -199,12 +199,10 @@ SHIM_SIMD_REDUCE(simd_min, (y < r ? y : r))
 
 enum memory_order { memory_order_relaxed };
 struct atomic_uint { uint v; };
-static inline uint atomic_load_explicit(atomic_uint* a, memory_order) { return a->v; }
-static inline bool atomic_compare_exchange_weak_explicit(atomic_uint* a, uint* expected, uint desired,
-                                                         memory_order, memory_order) {
-  if (a->v == *expected) { a->v = desired; return true; }
-  *expected = a->v;
-  return false;
+static inline uint atomic_fetch_add_explicit(atomic_uint* a, uint v, memory_order) {
+  uint old = a->v;
+  a->v = old + v;
+  return old;
 }
 
 namespace metal {

@@ -47,8 +47,10 @@
 //  softmax online in fp32 per query head (the SIMD group's max); the lane that scored a token also
 //          adds its V terms that do not depend on the channel, p * (min - scale * 2^VB) per V group,
 //          and its probability into the SIMD group's histogram over the V patterns (threadgroup
-//          memory, rescaled with the running max); probabilities into threadgroup memory (a
-//          SIMD-group barrier orders them);
+//          memory, fixed point: integer adds are native in threadgroup memory, float adds are not
+//          on every GPU; rescaled with the running max); probabilities into threadgroup memory (a
+//          SIMD-group barrier orders them). The loads of these per-token terms, and of the value
+//          loop's first codes, are issued before the softmax, whose latency hides theirs;
 //  values  lane l takes CPL = 8 channels of token l / LPT of each step (LPT = D / 8 lanes a token,
 //          TPS = 32 / LPT tokens a step) and adds p * scale * 2^VB * (1 + c / 2^VB).
 // End: the SIMD groups' states are combined; the split writes its partial output, (m, l) and its V
@@ -68,6 +70,7 @@ constexpr int HB = VPAT ? NW * R * MB : 0;         // histograms [warp][r][bin]
 constexpr int WB = PB + HB > R * D ? PB + HB : R * D;  // at the end: o [r][d]
 constexpr float KSCALE = float(1u << KB);
 constexpr float VSCALE = float(1u << VB);
+constexpr bool PRE = NGV <= 2;                     // per-token V scales / mins preloaded in registers
 
 PKV_SHARED float q_sh[D * R];                     // [d][r]
 PKV_SHARED float tab_sh[KPAT ? R * MB : 1];       // [r][m]
@@ -107,8 +110,19 @@ const int WV = D * VB / 32;     // words per V token row
 const int NGK = TCAP / G;       // K groups per channel row
 const int c0 = (lane % LPT) * CPL;  // first channel of this lane in the value phase
 const int tsub = lane / LPT;        // token of this lane in a value step
+const int vw0 = (c0 * VB) >> 5;     // VB != 3: the lane's codes start a word (VB 2: half a word)
+const uint vsh = uint(c0 * VB) & 31u;
 PKV_TG float* pw = work_sh + warp * TILE * R;
-PKV_TG float* hw = work_sh + PB + (VPAT ? warp * R * MB : 0);
+PKV_TG uint* hall = (PKV_TG uint*)(work_sh + PB);  // the SIMD groups' histograms
+PKV_TG uint* hw = hall + (VPAT ? warp * R * MB : 0);
+// Fixed-point scale of the histograms, 2^k: a SIMD group adds at most ST probabilities (each <= 1,
+// rounded) into a bin, so ST * 2^k <= 2^31 keeps a bin below 2^32; k <= 22 for the conversion by
+// adding 2^23 (rounds to nearest, one float add).
+int hk = 31;
+for (int v = ST - 1; v > 0; v >>= 1) {
+  --hk;
+}
+const float hsc = float(1 << pkv_imin(hk, 22));
 
 // ---- prologue: q, the pattern score table, empty histograms
 for (int i = tid; i < D * R; i += NT) {
@@ -154,6 +168,17 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
   }
   const int tl0 = tile + lane * TPL;  // quantized split: this lane's first token
   int nv = 0;                         // valid tokens of this lane (quantized: the first nv of its TPL)
+  const int t_stop = pkv_imin(TS, t_end - tile);  // tokens of this tile (> 0)
+  // Value loop (quantized split): rows past the tile's last token are read as that token's row again
+  // (so every load stays inside the cache and needs one min), and add nothing: their
+  // probabilities in pw are 0.
+  const int lim = pkv_imax(t_stop - 1 - tsub, 0);  // last row offset of this lane
+  const uint lrow = uint(bh * TCAP + tile + tsub);  // row of the lane's first token
+  float vsr[PRE ? TPL * NGV : 1];     // quantized split, loaded before the softmax: V scale * 2^VB,
+  float vmr[PRE ? TPL * NGV : 1];     // V min, V pattern of this lane's tokens,
+  int vir[VPAT ? TPL : 1];
+  uint lo_n[VU];                      // and the value loop's first codes (its next step's codes)
+  uint hi_n[VU];
   if (!dense) {
     nv = pkv_imax(0, pkv_imin(TPL, t_end - tl0));
     if (nv > 0) {
@@ -207,6 +232,24 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
           }
         }
       }
+    }
+    // (a token past the split's end reads the split's last token, and is not used)
+    PKV_UNROLL for (int j = 0; j < TPL; ++j) {
+      const int t = pkv_imin(tl0 + j, t_end - 1);
+      if (PRE) {
+        PKV_UNROLL for (int g = 0; g < NGV; ++g) {
+          vsr[PRE ? j * NGV + g : 0] = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + g]) * VSCALE;
+          vmr[PRE ? j * NGV + g : 0] = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + g]);
+        }
+      }
+      if (VPAT) {
+        vir[VPAT ? j : 0] = int(v_idx[bh * TCAP + t]);
+      }
+    }
+    PKV_UNROLL for (int u = 0; u < VU; ++u) {
+      const PKV_DEVICE uint* vc = v_codes + (lrow + uint(pkv_imin(u * TPS, lim))) * uint(WV);
+      lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
+      hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
     }
   } else {
     const int t = tile + lane;
@@ -263,36 +306,34 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
     if (VPAT && grew) {
       for (int r = 0; r < R; ++r) {
         for (int i = lane; i < MB; i += 32) {
-          hw[r * MB + i] *= corr[r];
+          hw[r * MB + i] = uint(float(hw[r * MB + i]) * corr[r] + 0.5f);
         }
       }
       PKV_SIMD_BARRIER();
     }
-    if (NGV == 1) {  // tokens past the split's end: p * scale 0 for the value loop
-      for (int j = nv; j < TPL; ++j) {
+    PKV_UNROLL for (int j = 0; j < TPL; ++j) {
+      if (j < nv) {
+        const int t = tl0 + j;
+        PKV_UNROLL for (int g = 0; g < NGV; ++g) {
+          const float vs = PRE ? vsr[PRE ? j * NGV + g : 0]
+                               : static_cast<float>(v_scales[(bh * TCAP + t) * NGV + g]) * VSCALE;
+          const float vm = PRE ? vmr[PRE ? j * NGV + g : 0] : static_cast<float>(v_mins[(bh * TCAP + t) * NGV + g]);
+          for (int r = 0; r < R; ++r) {
+            am[g][r] += s[j][r] * (vm - vs);
+            if (NGV == 1) {
+              pw[(lane * TPL + j) * R + r] = s[j][r] * vs;
+            }
+          }
+        }
+        const int vid = VPAT ? vir[VPAT ? j : 0] : PKV_NO_PATTERN;
+        if (vid != PKV_NO_PATTERN) {
+          for (int r = 0; r < R; ++r) {  // round(p * hsc): the float's mantissa after adding 2^23
+            pkv_atomic_add_tg(hw + r * MB + vid, pkv_as_uint(s[j][r] * hsc + 8388608.0f) - 0x4B000000u);
+          }
+        }
+      } else if (NGV == 1) {  // tokens past the split's end: p * scale 0 for the value loop
         for (int r = 0; r < R; ++r) {
           pw[(lane * TPL + j) * R + r] = 0.0f;
-        }
-      }
-    }
-    for (int j = 0; j < nv; ++j) {
-      const int t = tl0 + j;
-      for (int g = 0; g < NGV; ++g) {
-        const float vs = static_cast<float>(v_scales[(bh * TCAP + t) * NGV + g]) * VSCALE;
-        const float vm = static_cast<float>(v_mins[(bh * TCAP + t) * NGV + g]);
-        for (int r = 0; r < R; ++r) {
-          am[g][r] += s[j][r] * (vm - vs);
-          if (NGV == 1) {
-            pw[(lane * TPL + j) * R + r] = s[j][r] * vs;
-          }
-        }
-      }
-      if (VPAT) {
-        const int vid = int(v_idx[bh * TCAP + t]);
-        if (vid != PKV_NO_PATTERN) {
-          for (int r = 0; r < R; ++r) {
-            pkv_atomic_add_tg(hw + r * MB + vid, s[j][r]);
-          }
         }
       }
     }
@@ -300,22 +341,8 @@ for (int tile = t_begin + warp * TS; tile < t_end; tile += NW * TS) {
   PKV_SIMD_BARRIER();
 
   // ---- values
-  const int t_stop = pkv_imin(TS, t_end - tile);  // tokens of this tile (> 0)
   if (!dense) {
-    // Rows past the tile's last token are read as that token's row again (so every load stays
-    // inside the cache and needs one min), and add nothing: their probabilities in pw are 0.
     const int vg = c0 / GV;
-    const int vw0 = (c0 * VB) >> 5;  // VB != 3: the lane's codes start a word (VB 2: half a word)
-    const uint vsh = uint(c0 * VB) & 31u;
-    const int lim = pkv_imax(t_stop - 1 - tsub, 0);  // last row offset of this lane
-    const uint lrow = uint(bh * TCAP + tile + tsub);  // row of the lane's first token
-    uint lo_n[VU];  // the next step's codes, loaded before this step's arithmetic
-    uint hi_n[VU];
-    PKV_UNROLL for (int u = 0; u < VU; ++u) {
-      const PKV_DEVICE uint* vc = v_codes + (lrow + uint(pkv_imin(u * TPS, lim))) * uint(WV);
-      lo_n[u] = VB == 3 ? pkv_bits(vc, uint(c0 * VB), uint(CPL * VB)) : vc[vw0] >> vsh;
-      hi_n[u] = VB == 8 ? vc[vw0 + 1] : 0u;
-    }
     for (int tt0 = 0; tt0 < t_stop; tt0 += VU * TPS) {
       uint lo_c[VU];
       uint hi_c[VU];
@@ -411,9 +438,9 @@ if (VPAT) {  // the SIMD groups' histograms, rescaled to the split's max
     }
     float v = 0.0f;
     for (int w2 = 0; w2 < NW; ++w2) {
-      v += work_sh[PB + (w2 * R + r) * MB + bin] * pkv_exp2(st_sh[w2 * 2 * R + r] - mr);
+      v += float(hall[(w2 * R + r) * MB + bin]) * pkv_exp2(st_sh[w2 * 2 * R + r] - mr);
     }
-    hist_part[ps * R * MVC + i] = v;
+    hist_part[ps * R * MVC + i] = v / hsc;
   }
   PKV_BARRIER();
 }

@@ -36,6 +36,7 @@ PKV_FUNC float pkv_simd_min(float x) {
 }
 
 PKV_FUNC float pkv_as_float(uint x) { return __uint_as_float(x); }
+PKV_FUNC uint pkv_as_uint(float x) { return __float_as_uint(x); }
 PKV_FUNC float pkv_exp2(float x) { return exp2f(x); }
 PKV_FUNC float pkv_div(float a, float b) { return __fdiv_rn(a, b); }
 PKV_FUNC float pkv_sqrt(float x) { return __fsqrt_rn(x); }
@@ -45,4 +46,4 @@ PKV_FUNC float pkv_fmin(float a, float b) { return fminf(a, b); }
 PKV_FUNC int pkv_imin(int a, int b) { return a < b ? a : b; }
 PKV_FUNC int pkv_imax(int a, int b) { return a > b ? a : b; }
 
-PKV_FUNC void pkv_atomic_add_tg(float* p, float v) { atomicAdd(p, v); }
+PKV_FUNC void pkv_atomic_add_tg(uint* p, uint v) { atomicAdd(p, v); }

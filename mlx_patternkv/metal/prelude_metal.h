@@ -23,6 +23,7 @@ PKV_FUNC float pkv_simd_min(float x) { return simd_min(x); }
 PKV_FUNC float pkv_shfl_xor(float x, ushort m) { return simd_shuffle_xor(x, m); }
 
 PKV_FUNC float pkv_as_float(uint x) { return as_type<float>(x); }
+PKV_FUNC uint pkv_as_uint(float x) { return as_type<uint>(x); }
 PKV_FUNC float pkv_exp2(float x) { return metal::exp2(x); }
 // Quantization must match the portable path bit for bit: precise (IEEE) division, square root and
 // round-half-to-even, whatever the math mode MLX compiles with.
@@ -34,11 +35,8 @@ PKV_FUNC float pkv_fmin(float a, float b) { return metal::min(a, b); }
 PKV_FUNC int pkv_imin(int a, int b) { return metal::min(a, b); }
 PKV_FUNC int pkv_imax(int a, int b) { return metal::max(a, b); }
 
-// Float add into threadgroup memory (a compare-and-swap loop: works on every Metal version).
-PKV_FUNC void pkv_atomic_add_tg(threadgroup float* p, float v) {
-  threadgroup atomic_uint* a = (threadgroup atomic_uint*)p;
-  uint old = atomic_load_explicit(a, memory_order_relaxed);
-  while (!atomic_compare_exchange_weak_explicit(
-      a, &old, as_type<uint>(as_type<float>(old) + v), memory_order_relaxed, memory_order_relaxed)) {
-  }
+// Integer add into threadgroup memory (GPUs add integers there natively; a float add is a
+// compare-and-swap loop on NVIDIA's, which is why the histograms are fixed point).
+PKV_FUNC void pkv_atomic_add_tg(threadgroup uint* p, uint v) {
+  atomic_fetch_add_explicit((threadgroup atomic_uint*)p, v, memory_order_relaxed);
 }
