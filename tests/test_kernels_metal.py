@@ -622,6 +622,21 @@ def test_metal_emulated_decode_matches_reference(emulated, d, r, kb, vb, g, nq, 
     assert emulated.count("decode_split") == 1
 
 
+def test_metal_emulated_decode_histogram_at_its_capacity(emulated):
+    """The fixed-point V-pattern histogram at its worst case: one SIMD group (GQA 8 leaves room for one)
+    walks a 2048-token split whose tokens all have probability 1 (q = 0) and the same V pattern, so
+    one bin reaches 2048 x 2^k = 2^31; a larger fixed-point scale would wrap it around."""
+    rng = np.random.default_rng(5)
+    nq, nw, d, r = [2048], [3], 64, 8
+    c = random_cache(rng, 1, 2, r, d, 2, 2, 128, 2048, 128, 1, 32, 32, nq)
+    c.q = mx.zeros(c.q.shape, c.q.dtype)
+    c.v_idx = mx.full(c.v_idx.shape, 7, mx.uint8)
+    assert kernels._split_geometry(d, r, 4, True, True)[0] == 1  # one SIMD group a threadgroup
+    got = f32(run_decode("metal", c, nq, nw, 0.125, 2048, 4)).astype(np.float64)
+    want = ref_decode(c, nq, nw, 0.125)
+    np.testing.assert_allclose(got, want, atol=3e-3 * np.abs(want).max(), rtol=0)
+
+
 def test_metal_emulated_decode_with_empty_banks(emulated):
     """Banks with no rows (indices present) attend like no patterns at all."""
     rng = np.random.default_rng(11)
