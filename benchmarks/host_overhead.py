@@ -10,7 +10,8 @@ alone, i.e. the lazy graph building, never its evaluation, for:
                    the launches are replaced by stand-ins that return zeros of the right shapes, so
                    the figure is the Python and graph-building time of the kernel path only (on a GPU
                    the real launches run).
-Prints a table and writes $OUT/host_overhead.json (OUT defaults to results).
+Then the Python time of one `kernels.decode_attention` call alone (launches excluded). Prints a
+table and writes $OUT/host_overhead.json (OUT defaults to results).
 
     python benchmarks/host_overhead.py [--context 2048] [--steps 60] [--bits 2]
 """
@@ -33,6 +34,36 @@ from mlx_patternkv.integrate import patch_attention  # noqa: E402
 
 def _stand_in(be, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, poison=None):
     return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+
+def call_time(trials=5, n=5000):
+    """Median microseconds of Python per kernels.decode_attention call, its launches excluded (they
+    return arrays made once): SmolLM2's attention shape (9 query / 3 KV heads, head_dim 64), 8K tokens."""
+    import attention as bench
+
+    c = bench.make_cache(1, 3, 64, 8192, 2, 2)
+    q = mx.random.normal((1, 9, 1, 64)).astype(mx.float16)
+    outs = {}
+
+    def made_once(be, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes, poison=None):
+        if name not in outs:
+            outs[name] = _stand_in(be, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes)
+        return outs[name]
+
+    real = kernels._launch
+    kernels._launch = made_once
+    try:
+        ts = []
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                kernels._decode_attention("cuda", q, c.k_bank, c.k_idx, c.k_codes, c.k_scales, c.k_mins, c.v_bank,
+                                          c.v_idx, c.v_codes, c.v_scales, c.v_mins, c.k_win, c.v_win, c.n_quant,
+                                          c.n_win, c.k_new, c.v_new, 0.125, 2, 2, 128, None, None)  # fmt: skip
+            ts.append((time.perf_counter() - t0) / n)
+    finally:
+        kernels._launch = real
+    return 1e6 * sorted(ts)[len(ts) // 2]
 
 
 def build_times(model, cache, context, steps):
@@ -77,9 +108,11 @@ def main():
         rows.append(dict(cache=label, median_ms=1e3 * med, mean_ms=1e3 * mean,
                          launches="real" if gpu or label != "pkv kernels" else "stand-ins"))  # fmt: skip
     os.environ.pop("MLX_PATTERNKV_PORTABLE", None)
+    call_us = call_time()
     print(f"\n=== host time to build one decode step, {mx.default_device()}, context {a.context}, {a.bits}-bit")
     table(rows, ["cache", "median_ms", "mean_ms", "launches"])
-    write_json("host_overhead", rows, dict(context=a.context, steps=a.steps, bits=a.bits))
+    print(f"Python per kernels.decode_attention call, launches excluded: {call_us:.1f} us")
+    write_json("host_overhead", rows, dict(context=a.context, steps=a.steps, bits=a.bits, decode_attention_call_us=call_us))
 
 
 if __name__ == "__main__":

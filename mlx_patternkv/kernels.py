@@ -19,6 +19,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -233,100 +234,114 @@ def _decode_attention(
     be, q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins,
     k_win, v_win, n_quant, n_win, k_new, v_new, scale, k_bits, v_bits, group_size, split_tokens, lane_tokens,
 ):  # fmt: skip
-    b, hq, lq, d = q.shape
-    h, ln = k_new.shape[1], k_new.shape[2]
-    if lq != 1:
-        raise ValueError(f"decode_attention takes one query token per sequence, got {lq}")
-    if hq % h or not supports(d, hq, h, k_bits, v_bits, group_size):
-        raise ValueError(f"unsupported: head_dim {d}, {hq} query / {h} KV heads, bits {k_bits}/{v_bits}, group {group_size}")
-    if k_new.shape != (b, h, ln, d) or v_new.shape != (b, h, ln, d):
-        raise ValueError(f"k_new {k_new.shape} / v_new {v_new.shape} do not match q {q.shape}")
-    r = hq // h
-    g = group_size
-    nq = _lengths(n_quant, b, "n_quant")
-    nw = _lengths(n_win, b, "n_win")
-    nq_max = max(nq)
-    w = 0 if k_win is None else k_win.shape[2]
-    if max(nw) > w or min(nw) < 0 or min(nq) < 0:
-        raise ValueError(f"n_win {nw} does not fit the window of {w} rows")
-    tcap = 0 if k_codes is None else k_scales.shape[-1] * g
-    if nq_max > tcap:
-        raise ValueError(f"n_quant {nq_max} exceeds the quantized capacity {tcap}")
-    gv = g if v_scales is None else d // v_scales.shape[-1]
-    kpat = k_bank is not None and k_idx is not None and nq_max > 0 and k_bank.shape[2] > 0
-    vpat = v_bank is not None and v_idx is not None and nq_max > 0 and v_bank.shape[2] > 0
-    if nq_max > 0:
-        want = {
-            "k_codes": (k_codes, (b, h, d, tcap * k_bits // 32)),
-            "k_mins": (k_mins, (b, h, d, tcap // g)),
-            "v_codes": (v_codes, (b, h, tcap, d * v_bits // 32)),
-            "v_scales": (v_scales, (b, h, tcap, d // gv)),
-            "v_mins": (v_mins, (b, h, tcap, d // gv)),
-        }
-        for name, (a, shape) in want.items():
-            if a is None or tuple(a.shape) != shape:
-                raise ValueError(f"{name} has shape {None if a is None else a.shape}, expected {shape}")
-        if gv not in (32, 64, 128) or d % gv:
-            raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
-
-    cdt = k_win.dtype if k_win is not None else (k_scales.dtype if k_scales is not None else q.dtype)
-    tpl = _lane_tokens(sum(nq) * h, r, k_bits, lane_tokens)
-    nwarp, tile = _split_geometry(d, r, tpl, kpat, vpat)
-    st = _split_size(nq_max, nwarp, tile, split_tokens) if nq_max else tile
-    nsq = -(-nq_max // st)
-    ns = nsq + 1
-    mkc = k_bank.shape[2] if kpat else 0
-    mvc = v_bank.shape[2] if vpat else 0
-    if mkc > 256 or mvc > 256:
-        raise ValueError("pattern banks hold at most 256 rows (uint8 indices)")
-
-    sbits = struct.unpack("<i", struct.pack("<f", scale * math.log2(math.e)))[0]
-    prm = _params((h, tcap, w, ln, st, nsq, mkc, mvc, sbits, *(v for pair in zip(nq, nw) for v in pair)))
-    quant = nq_max > 0
-    u8, u32 = mx.uint8, mx.uint32
-    cache = [k_scales, k_mins, v_scales, v_mins] if quant else []
-    for a in [*([k_bank] if kpat else []), *([v_bank] if vpat else []), *cache, k_win, v_win]:
-        if a is not None and a.dtype != cdt:
-            raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a.dtype}")
+    arrays = (q, k_bank, k_idx, k_codes, k_scales, k_mins, v_bank, v_idx, v_codes, v_scales, v_mins, k_win, v_win, k_new, v_new)
+    b = q.shape[0]
+    p = _decode_plan(
+        tuple(None if a is None else (a.shape, a.dtype) for a in arrays),
+        tuple(_lengths(n_quant, b, "n_quant")), tuple(_lengths(n_win, b, "n_win")), float(scale),
+        k_bits, v_bits, group_size, split_tokens, lane_tokens,
+    )  # fmt: skip
+    cdt, quant, kpat, vpat = p.cdt, p.quant, p.kpat, p.vpat
     tab = kc = _dummy(mx.float32)
     if quant:  # the q . P_k table (K patterns) and the K groups' constants
-        ngq = -(-nq_max // g)  # K groups holding quantized tokens
-        ntg = -(-mkc // 8) + -(-ngq // 32)
-        tab, kc = _launch(
-            be, "qk_table", [q, k_bank if kpat else _dummy(cdt), k_scales, k_mins, prm],
-            [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("G", g), ("KPAT", kpat)],
-            (256 * ntg, h, b), (256, 1, 1), [(b, h, r, mkc) if kpat else tab.shape, (b, h, r, tcap // g)],
-            [mx.float32] * 2, float("nan"),
-        )  # fmt: skip
+        tab, kc = _launch(be, "qk_table", [q, k_bank if kpat else _dummy(cdt), k_scales, k_mins, p.prm], *p.table)
     vb_in = v_bank if vpat else _dummy(cdt)
     inputs = [
         q, tab, kc,
-        k_idx if kpat else _dummy(u8),
-        k_codes if quant else _dummy(u32),
+        k_idx if kpat else _dummy(mx.uint8),
+        k_codes if quant else _dummy(mx.uint32),
         k_scales if quant else _dummy(cdt),
         vb_in,
-        v_idx if vpat else _dummy(u8),
-        v_codes if quant else _dummy(u32),
+        v_idx if vpat else _dummy(mx.uint8),
+        v_codes if quant else _dummy(mx.uint32),
         v_scales if quant else _dummy(cdt),
         v_mins if quant else _dummy(cdt),
         k_win if k_win is not None else _dummy(cdt),
         v_win if v_win is not None else _dummy(cdt),
-        k_new, v_new, prm,
+        k_new, v_new, p.prm,
     ]  # fmt: skip
-    nt = 32 * nwarp
-    hshape = (b, h, ns, r, mvc) if vpat else _dummy(mx.float32).shape  # unused without V patterns
-    o_part, ml_part, hist_part = _launch(
-        be, "decode_split", inputs,
-        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
-         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("NW", nwarp), ("TPL", tpl)],
-        (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2), hshape], [mx.float32] * 3, float("nan"),
-    )  # fmt: skip
-    (out,) = _launch(
-        be, "decode_merge", [o_part, ml_part, hist_part, vb_in, prm],
-        [("QT", q.dtype), ("T", cdt), ("D", d), ("R", r), ("VPAT", vpat)],
-        (NT_MERGE * r, h, b), (NT_MERGE, 1, 1), [(b, hq, 1, d)], [q.dtype], float("nan"),
-    )  # fmt: skip
+    o_part, ml_part, hist_part = _launch(be, "decode_split", inputs, *p.split)
+    (out,) = _launch(be, "decode_merge", [o_part, ml_part, hist_part, vb_in, p.prm], *p.merge)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_plan(sig, nq, nw, scale, k_bits, v_bits, g, split_tokens, lane_tokens):
+    """Checks and launch parameters of one decode-attention call, from its arrays' (shape, dtype) in
+    `sig` (None for an absent array) and its lengths: the layers of a decode step share them, so a
+    step works them out once (Python time per layer is what a small model's decode step is bound by).
+    Returns a namespace: cdt, quant, kpat, vpat, prm, and the (template, grid, threadgroup, output
+    shapes, output dtypes, poison) of the table, split and merge launches."""
+    (qs, qdt), kbank, kidx, kcodes, kscales, kmins, vbank, vidx, vcodes, vscales, vmins, kwin, vwin, knew, vnew = sig
+    b, hq, lq, d = qs
+    h, ln = knew[0][1], knew[0][2]
+    if lq != 1:
+        raise ValueError(f"decode_attention takes one query token per sequence, got {lq}")
+    if hq % h or not supports(d, hq, h, k_bits, v_bits, g):
+        raise ValueError(f"unsupported: head_dim {d}, {hq} query / {h} KV heads, bits {k_bits}/{v_bits}, group {g}")
+    if knew[0] != (b, h, ln, d) or vnew[0] != (b, h, ln, d):
+        raise ValueError(f"k_new {knew[0]} / v_new {vnew[0]} do not match q {qs}")
+    r = hq // h
+    nq_max = max(nq)
+    w = 0 if kwin is None else kwin[0][2]
+    if max(nw) > w or min(nw) < 0 or min(nq) < 0:
+        raise ValueError(f"n_win {list(nw)} does not fit the window of {w} rows")
+    tcap = 0 if kcodes is None else kscales[0][-1] * g
+    if nq_max > tcap:
+        raise ValueError(f"n_quant {nq_max} exceeds the quantized capacity {tcap}")
+    gv = g if vscales is None else d // vscales[0][-1]
+    kpat = kbank is not None and kidx is not None and nq_max > 0 and kbank[0][2] > 0
+    vpat = vbank is not None and vidx is not None and nq_max > 0 and vbank[0][2] > 0
+    quant = nq_max > 0
+    if quant:
+        want = {
+            "k_codes": (kcodes, (b, h, d, tcap * k_bits // 32)),
+            "k_mins": (kmins, (b, h, d, tcap // g)),
+            "v_codes": (vcodes, (b, h, tcap, d * v_bits // 32)),
+            "v_scales": (vscales, (b, h, tcap, d // gv)),
+            "v_mins": (vmins, (b, h, tcap, d // gv)),
+        }
+        for name, (a, shape) in want.items():
+            if a is None or tuple(a[0]) != shape:
+                raise ValueError(f"{name} has shape {None if a is None else a[0]}, expected {shape}")
+        if gv not in (32, 64, 128) or d % gv:
+            raise ValueError(f"V channel group {gv} is not 32, 64 or 128")
+    cdt = kwin[1] if kwin is not None else (kscales[1] if kscales is not None else qdt)
+    for a in [*([kbank] if kpat else []), *([vbank] if vpat else []), *([kscales, kmins, vscales, vmins] if quant else []), kwin, vwin]:
+        if a is not None and a[1] != cdt:
+            raise ValueError(f"cache arrays must share one dtype ({cdt}), got {a[1]}")
+
+    tpl = _lane_tokens(sum(nq) * h, r, k_bits, lane_tokens)
+    nwarp, tile = _split_geometry(d, r, tpl, kpat, vpat)
+    st = _split_size(nq_max, nwarp, tile, split_tokens) if quant else tile
+    nsq = -(-nq_max // st)
+    ns = nsq + 1
+    mkc = kbank[0][2] if kpat else 0
+    mvc = vbank[0][2] if vpat else 0
+    if mkc > 256 or mvc > 256:
+        raise ValueError("pattern banks hold at most 256 rows (uint8 indices)")
+    sbits = struct.unpack("<i", struct.pack("<f", scale * math.log2(math.e)))[0]
+    prm = _params((h, tcap, w, ln, st, nsq, mkc, mvc, sbits, *(v for pair in zip(nq, nw) for v in pair)))
+    f32, nan = mx.float32, float("nan")
+    ngq = -(-nq_max // g)  # K groups holding quantized tokens
+    ntg = -(-mkc // 8) + -(-ngq // 32)  # table threadgroups: 8 bank rows, or 32 K groups, each
+    table = (
+        [("QT", qdt), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("G", g), ("KPAT", kpat)],
+        (256 * ntg, h, b), (256, 1, 1), [(b, h, r, mkc) if kpat else _dummy(f32).shape, (b, h, r, tcap // g)],
+        [f32] * 2, nan,
+    )  # fmt: skip
+    nt = 32 * nwarp
+    hshape = (b, h, ns, r, mvc) if vpat else _dummy(f32).shape  # unused without V patterns
+    split = (
+        [("QT", qdt), ("T", cdt), ("D", d), ("R", r), ("KB", k_bits), ("VB", v_bits), ("G", g),
+         ("GV", gv), ("KPAT", kpat), ("VPAT", vpat), ("NW", nwarp), ("TPL", tpl)],
+        (nt * ns, h, b), (nt, 1, 1), [(b, h, ns, r, d), (b, h, ns, r, 2), hshape], [f32] * 3, nan,
+    )  # fmt: skip
+    merge = (
+        [("QT", qdt), ("T", cdt), ("D", d), ("R", r), ("VPAT", vpat)],
+        (NT_MERGE * r, h, b), (NT_MERGE, 1, 1), [(b, hq, 1, d)], [qdt], nan,
+    )  # fmt: skip
+    return SimpleNamespace(cdt=cdt, quant=quant, kpat=kpat, vpat=vpat, prm=prm, table=table, split=split, merge=merge)
 
 
 # ---------------------------------------------------------------------------------------- flush
