@@ -51,9 +51,11 @@ def portable(c, nq, nw, scale, cfg):
         s = slice(bi, bi + 1)
         cut = lambda a: None if a is None else a[s]  # noqa: E731
         # nothing quantized: the portable path attends over the dense history, the window and new rows
-        dense = [mx.concatenate([w[s, :, : nw[bi]], new[s]], axis=2) for w, new in ((c.k_win, c.k_new), (c.v_win, c.v_new))]
+        dense = None
+        if nq[bi] == 0:
+            dense = tuple(mx.concatenate([w[s, :, : nw[bi]], new[s]], axis=2) for w, new in ((c.k_win, c.k_new), (c.v_win, c.v_new)))
         cache = SimpleNamespace(
-            _fetched=tuple(dense) if nq[bi] == 0 else None,
+            _fetched=dense,
             config=cfg, pending=(c.k_new[s], c.v_new[s]), offset=nq[bi] + nw[bi] + c.k_new.shape[2],
             n_quant=nq[bi], n_win=nw[bi], k_bank=cut(c.k_bank), k_idx=cut(c.k_idx), k_codes=cut(c.k_codes),
             k_scales=cut(c.k_scales), k_mins=cut(c.k_mins), v_bank=cut(c.v_bank), v_idx=cut(c.v_idx),
